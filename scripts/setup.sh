@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv (if needed) and install ee_callbacks with its test and sweep extras.
+# On a machine without an NVIDIA GPU the CPU build of torch is installed first, so pip never
+# pulls a multi-GB CUDA build. Set EE_TORCH_SPEC to choose another torch (e.g. "torch" on GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    .venv/bin/pip install -q "${EE_TORCH_SPEC:-torch}"
+  else
+    .venv/bin/pip install -q "${EE_TORCH_SPEC:-torch==2.13.0}"
+  fi
+fi
+.venv/bin/pip install -q -e ".[dev,sweeps]"
