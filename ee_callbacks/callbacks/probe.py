@@ -1,0 +1,492 @@
+"""``EarlyExitProbe``: a Lightning callback that runs the probe core every N optimizer steps."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+from ..model_parts import ModelPartsError, find_model_parts, unwrap_model
+from ..probe import ProbeConfig, prepare_batches, run_probe
+from ..records import append_record, read_records
+from ..sinks.loggers import flatten_record_metrics, format_record_table, log_to_loggers
+
+__all__ = ["EarlyExitProbe", "draw_probe_set", "preserved_rng", "find_language_model"]
+
+log = logging.getLogger("ee_callbacks")
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Leave the torch (CPU and CUDA), numpy and Python RNG streams exactly as they were."""
+    torch_state = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+def _rows_from_item(item) -> tuple:
+    """(input_ids (B, T), attention_mask or None) from a batch/dataset item."""
+    if isinstance(item, torch.Tensor):
+        ids = item
+        mask = None
+    elif isinstance(item, Mapping):
+        if "input_ids" not in item:
+            raise ValueError(f"probe data items need 'input_ids'; got keys {list(item.keys())}")
+        ids, mask = item["input_ids"], item.get("attention_mask")
+    elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+        ids, mask = item[0], None
+    else:
+        raise TypeError(
+            f"probe data must yield LongTensors or dicts with 'input_ids', got {type(item).__name__}"
+        )
+    ids = torch.as_tensor(ids)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+        mask = torch.as_tensor(mask).unsqueeze(0) if mask is not None else None
+    return ids, (torch.as_tensor(mask) if mask is not None else None)
+
+
+def draw_probe_set(source, n_sequences: int, seq_len: Optional[int] = None, seed: int = 0,
+                   batch_size: int = 8, pool_factor: int = 4) -> list:
+    """Draw a fixed probe set once: ``n_sequences`` rows chosen with a seeded generator.
+
+    ``source``: a LongTensor (N, T), a map-style dataset, a DataLoader or any iterable of batches. From an iterable
+    the first ``pool_factor × n_sequences`` rows form the pool. Rows are cut to ``seq_len`` tokens and grouped in
+    batches of ``batch_size`` dicts (``input_ids``, ``attention_mask`` when the source has one). The global RNG
+    streams are left untouched (iterating a DataLoader draws a seed from them).
+    """
+    if n_sequences < 1:
+        raise ValueError(f"probe_sequences must be ≥ 1, got {n_sequences}")
+    gen = torch.Generator().manual_seed(int(seed))
+    with preserved_rng():
+        rows, masks = [], []
+        if isinstance(source, torch.Tensor):
+            ids, mask = _rows_from_item(source)
+            rows, masks = [ids], [mask]
+        elif hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, (list, tuple)) \
+                and not hasattr(source, "batch_size"):
+            n = len(source)
+            if n == 0:
+                raise ValueError("the probe dataset is empty")
+            pick = torch.randperm(n, generator=gen)[: n_sequences].sort().values
+            for i in pick.tolist():
+                ids, mask = _rows_from_item(source[i])
+                rows.append(ids)
+                masks.append(mask)
+        else:
+            count = 0
+            for item in source:
+                ids, mask = _rows_from_item(item)
+                rows.append(ids)
+                masks.append(mask)
+                count += ids.shape[0]
+                if count >= pool_factor * n_sequences:
+                    break
+        if not rows:
+            raise ValueError("the probe data yielded no rows: give probe_data or a non-empty validation set")
+        width = min(r.shape[1] for r in rows)
+        if seq_len is not None:
+            width = min(width, int(seq_len))
+        if width < 2:
+            raise ValueError(f"probe sequences must have at least 2 tokens, got {width}; raise seq_len")
+        ids = torch.cat([r[:, :width] for r in rows]).long()
+        has_mask = any(m is not None for m in masks)
+        if has_mask:
+            mask = torch.cat([
+                (m[:, :width] if m is not None else torch.ones(r.shape[0], width, dtype=torch.long))
+                for r, m in zip(rows, masks)
+            ])
+        if ids.shape[0] > n_sequences:
+            pick = torch.randperm(ids.shape[0], generator=gen)[:n_sequences].sort().values
+            ids = ids[pick]
+            if has_mask:
+                mask = mask[pick]
+    batches = []
+    for start in range(0, ids.shape[0], batch_size):
+        batch = {"input_ids": ids[start : start + batch_size]}
+        if has_mask:
+            batch["attention_mask"] = mask[start : start + batch_size]
+        batches.append(batch)
+    return batches
+
+
+def find_language_model(pl_module: torch.nn.Module, model_attr: Optional[str] = None) -> torch.nn.Module:
+    """The language model inside a LightningModule: ``model_attr`` if given, else ``.model``, else the module."""
+    if model_attr:
+        try:
+            return pl_module.get_submodule(model_attr)
+        except AttributeError:
+            raise ModelPartsError(
+                f"model_attr={model_attr!r} is not a submodule of {type(pl_module).__name__}"
+            ) from None
+    inner = getattr(pl_module, "model", None)
+    if isinstance(inner, torch.nn.Module):
+        return inner
+    return pl_module
+
+
+class EarlyExitProbe(Callback):
+    r"""Probe every layer of the model being trained on a fixed probe set, every ``every_n_steps`` optimizer steps.
+
+    At step 0 (train start), every N optimizer steps and at the end of fit, runs :func:`ee_callbacks.run_probe` on
+    each probe set, appends one ProbeRecord per set to ``ee_probes.jsonl`` and logs scalars to every logger of the
+    trainer with ``step=trainer.global_step``. Training is unaffected: the probe runs in eval mode under
+    ``no_grad``, restores module modes and every RNG stream, and never calls ``LightningModule.log``.
+
+    Logged keys (``<p>`` is ``ee`` for the default probe set and ``ee/<set>`` for a named one):
+
+    - ``<p>/<metric>/layer_<ℓ:02d>`` for metric in agree, acc, ce, kl, entropy, max_prob, margin, logit_cos,
+      logit_corr, hidden_cos_final, block_influence, saturation_frac, cka_drift;
+    - ``<p>/summary/<name>`` for eas, oracle_skip_strict, oracle_skip_lenient, static_exit_layer,
+      static_skip_5pct, spec_speedup_est, final_ce, final_acc, angular_min_<n>, cka_drift_mean, probe_s,
+      and ``<p>/summary/skip_at_consistency_<c>/<rule>``;
+    - ``<p>/heads/<kind>/<metric>/layer_<ℓ:02d>`` for trained exit heads (see ``ExitHeads``).
+
+    Args:
+        every_n_steps: probe every this many optimizer steps (> 0).
+        probe_data: a LongTensor (N, T), a dataset, a DataLoader, or a dict ``{set name: one of those}`` for
+            several named probe sets ("workloads"). Default: drawn from the validation dataloader.
+        probe_sequences: sequences per probe set (drawn once, seeded).
+        seq_len: cut probe sequences to this many tokens.
+        config: :class:`~ee_callbacks.ProbeConfig` or a mapping of its fields.
+        output_path: the JSONL file; default ``<trainer.log_dir>/ee_probes.jsonl`` (``default_root_dir`` without
+            logger).
+        seed: seed of the probe-set draw.
+        batch_size: probe sequences per forward batch.
+        probe_at_start / probe_at_end: also probe at step 0 and after the last step.
+        model_attr: dotted path of the language model inside the LightningModule (default ``.model`` or itself).
+        blocks / final_norm / unembed: dotted paths (relative to the language model) overriding part discovery.
+        print_table: print a compact layer × agree/kl/ce table at the end of fit.
+        readouts: extra readouts ``{kind: readout}`` to evaluate, or a callable returning them (``ExitHeads``
+            registers its heads here itself).
+        wandb_extras: log tables, heatmaps, curves and the JSONL artifact when a WandbLogger is attached.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        probe_data: Any = None,
+        probe_sequences: int = 32,
+        seq_len: Optional[int] = None,
+        config: Union[ProbeConfig, Mapping, None] = None,
+        output_path: Optional[Union[str, os.PathLike]] = None,
+        seed: int = 0,
+        batch_size: int = 8,
+        probe_at_start: bool = True,
+        probe_at_end: bool = True,
+        model_attr: Optional[str] = None,
+        blocks: Optional[str] = None,
+        final_norm: Optional[str] = None,
+        unembed: Optional[str] = None,
+        print_table: bool = True,
+        readouts: Any = None,
+        wandb_extras: bool = True,
+        data_name: Optional[str] = None,
+    ):
+        super().__init__()
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
+            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+        if isinstance(probe_sequences, bool) or not isinstance(probe_sequences, int) or probe_sequences <= 0:
+            raise ValueError(f"probe_sequences must be a positive integer, got {probe_sequences!r}")
+        if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 2):
+            raise ValueError(f"seq_len must be an integer ≥ 2 or None, got {seq_len!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.every_n_steps = every_n_steps
+        self.probe_data = probe_data
+        self.probe_sequences = probe_sequences
+        self.seq_len = seq_len
+        self.config = ProbeConfig.from_any(config)
+        self.output_path = Path(output_path) if output_path is not None else None
+        self.seed = int(seed)
+        self.batch_size = batch_size
+        self.probe_at_start = probe_at_start
+        self.probe_at_end = probe_at_end
+        self.model_attr = model_attr
+        self.part_paths = {"blocks": blocks, "final_norm": final_norm, "unembed": unembed}
+        self.print_table = print_table
+        self.extra_readouts = readouts
+        self.wandb_extras = wandb_extras
+        self.data_name = data_name
+        # state (saved in checkpoints)
+        self.history: list = []  # compact per-probe summaries {set, step, summary, layers}
+        self.last_probe_step: Optional[int] = None
+        self._drift_state: dict = {}
+        # runtime
+        self._sets: dict = {}
+        self._parts = None
+        self._lm = None
+        self._path: Optional[Path] = None
+        self._extras = None
+        self._sink_failures: set = set()
+        self.last_records: dict = {}
+
+    # ------------------------------------------------------------------ identity / state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, output_path=str(self.output_path))
+
+    def state_dict(self) -> dict:
+        return {
+            "history": self.history,
+            "last_probe_step": self.last_probe_step,
+            "drift_state": self._drift_state,
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # works before or after on_fit_start (DDP restores before, FSDP/DeepSpeed after)
+        self.history = list(state_dict.get("history", []))
+        self.last_probe_step = state_dict.get("last_probe_step")
+        self._drift_state = dict(state_dict.get("drift_state", {}) or {})
+
+    # ------------------------------------------------------------------ set-up
+    def _resolve_sets(self, trainer: Trainer, pl_module: LightningModule) -> dict:
+        data = self.probe_data
+        if data is None:
+            data = self._validation_source(trainer, pl_module)
+        named = data if isinstance(data, Mapping) and not _looks_like_batch(data) else {"default": data}
+        sets = {}
+        for name, source in named.items():
+            batches = draw_probe_set(source, self.probe_sequences, self.seq_len, self.seed, self.batch_size)
+            sets[str(name)] = batches
+        return sets
+
+    @staticmethod
+    def _validation_source(trainer: Trainer, pl_module: LightningModule):
+        # where trainer.fit(...) got its validation data: val_dataloaders=, a datamodule, or the module's hook
+        source = None
+        with contextlib.suppress(Exception):
+            source = trainer.fit_loop.epoch_loop.val_loop._data_source
+        if source is not None and getattr(source, "instance", None) is not None:
+            with contextlib.suppress(Exception):
+                if source.is_defined():
+                    loader = source.dataloader()
+                    if loader is not None:
+                        return loader[0] if isinstance(loader, (list, tuple)) else loader
+        loaders = getattr(trainer, "val_dataloaders", None)
+        if loaders:
+            return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        raise ValueError(
+            "EarlyExitProbe found no validation dataloader to draw the probe set from: pass probe_data= (a LongTensor "
+            "(N, T), a dataset or a dataloader), or give trainer.fit val_dataloaders or a datamodule with "
+            "val_dataloader()"
+        )
+
+    def _run_dir(self, trainer: Trainer) -> Path:
+        if self.output_path is not None:
+            return self.output_path
+        log_dir = trainer.log_dir if trainer.loggers else trainer.default_root_dir
+        return Path(log_dir or trainer.default_root_dir) / "ee_probes.jsonl"
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._path = self._run_dir(trainer)  # log_dir broadcasts: every rank calls it
+        self._lm = find_language_model(pl_module, self.model_attr)
+        self._parts = find_model_parts(self._lm, **self.part_paths)
+        self._sets = self._resolve_sets(trainer, pl_module)
+        # validate now (clear error at fit start, not at step 10,000)
+        emb = self._lm.get_input_embeddings() if hasattr(self._lm, "get_input_embeddings") else None
+        vocab = int(emb.weight.shape[0]) if emb is not None and hasattr(emb, "weight") else None
+        for name, batches in self._sets.items():
+            try:
+                prepare_batches(batches, vocab)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"EarlyExitProbe probe set {name!r}: {err}") from None
+        if self._parts.notes:
+            for note in self._parts.notes:
+                log.warning("EarlyExitProbe: %s", note)
+        if self.wandb_extras and trainer.is_global_zero:
+            self._extras = _make_wandb_extras(trainer)
+            if self._extras is not None:
+                self._safe(lambda: self._extras.log_config(self._wandb_logger(trainer), self._config_payload()), "wandb")
+
+    def _config_payload(self) -> dict:
+        return {
+            "every_n_steps": self.every_n_steps,
+            "probe_sequences": self.probe_sequences,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "sets": list(self._sets),
+            **self.config.to_dict(),
+        }
+
+    # ------------------------------------------------------------------ triggers
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.probe_at_start and trainer.global_step == 0 and self.last_probe_step is None:
+            self._probe(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every_n_steps != 0 or self.last_probe_step == step:
+            return  # under gradient accumulation global_step only moves on optimizer steps: probe once per step
+        self._probe(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.probe_at_end and self.last_probe_step != trainer.global_step and self._sets:
+            self._probe(trainer, pl_module)
+        if trainer.is_global_zero:
+            if self.print_table and self.last_records:
+                for name, record in self.last_records.items():
+                    print(format_record_table(record, title=f"ee_callbacks probe '{name}' at step {record['step']}"))
+            if self._extras is not None and self._path is not None and self._path.exists():
+                wl = self._wandb_logger(trainer)
+                last = self.last_records.get("default") or next(iter(self.last_records.values()), None)
+                if last is not None:
+                    self._safe(lambda: self._extras.log_final(wl, last), "wandb")
+                heads_dir = getattr(self, "heads_dir", None)
+                self._safe(lambda: self._extras.log_artifact(wl, str(self._path), heads_dir), "wandb")
+
+    # ------------------------------------------------------------------ the probe
+    def _readouts(self, trainer: Trainer) -> dict:
+        found = {}
+        extra = self.extra_readouts() if callable(self.extra_readouts) else (self.extra_readouts or {})
+        found.update(extra)
+        for cb in trainer.callbacks:
+            provider = getattr(cb, "probe_readouts", None)
+            if cb is not self and callable(provider):
+                found.update(provider())
+        return found
+
+    def _probe(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._sets or self._parts is None:
+            return
+        step = int(trainer.global_step)
+        world = int(trainer.world_size)
+        rank = int(trainer.global_rank)
+        reduce = _make_reduce(trainer) if world > 1 else None
+        readouts = self._readouts(trainer)
+        with preserved_rng():
+            for name, batches in self._sets.items():
+                t0 = time.perf_counter()
+                record = run_probe(
+                    self._lm,
+                    batches,
+                    config=self.config,
+                    parts=self._parts,
+                    step=step,
+                    epoch=int(trainer.current_epoch),
+                    source="train",
+                    set_name=name,
+                    data_name=self.data_name or _describe_source(self.probe_data, name),
+                    seed=self.seed,
+                    readouts=readouts,
+                    previous=self._drift_state.get(name),
+                    reduce=reduce,
+                    shard=(rank, world),
+                )
+                self._drift_state[name] = record.state
+                record.run = _run_info(trainer)
+                if trainer.is_global_zero:
+                    self._emit(trainer, name, record, time.perf_counter() - t0)
+        self.last_probe_step = step
+
+    def _emit(self, trainer: Trainer, name: str, record, seconds: float) -> None:
+        data = append_record(self._path, record)  # an unwritable record is an error the user sees
+        self.last_records[name] = data
+        self.history.append({"set": name, "step": data["step"], "summary": data["summary"], "layers": data["layers"]})
+        prefix = "ee" if name == "default" else f"ee/{name}"
+        metrics = flatten_record_metrics(data, prefix)
+        failures = log_to_loggers(trainer.loggers, metrics, step=int(trainer.global_step))
+        for logger_name, err in failures:
+            self._warn_once(f"logger:{logger_name}", f"EarlyExitProbe: logging to {logger_name} failed ({err}); "
+                                                     "the other loggers and ee_probes.jsonl go on")
+        if self._extras is not None:
+            history = [h for h in self.history if h["set"] == name]
+            self._safe(lambda: self._extras.log_probe(self._wandb_logger(trainer), data, history, name), "wandb")
+        summary = data["summary"]
+        eas = summary.get("eas")
+        msg = (f"[ee_callbacks] probe '{name}' step {data['step']}: EAS {eas:.3f}" if eas is not None
+               else f"[ee_callbacks] probe '{name}' step {data['step']}")
+        if summary.get("oracle_skip_strict") is not None:
+            msg += f", oracle skip {summary['oracle_skip_strict']:.3f}"
+        msg += f" ({seconds:.2f}s)"
+        log.info(msg)
+        bar = getattr(trainer, "progress_bar_callback", None)
+        if bar is not None and hasattr(bar, "print") and trainer.is_global_zero:
+            with contextlib.suppress(Exception):
+                bar.print(msg)
+
+    # ------------------------------------------------------------------ helpers
+    def _wandb_logger(self, trainer: Trainer):
+        from lightning.pytorch.loggers import WandbLogger
+
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger):
+                return lg
+        return None
+
+    def _safe(self, fn, kind: str) -> None:
+        try:
+            fn()
+        except Exception as err:  # instrumentation never stops training
+            self._warn_once(kind, f"EarlyExitProbe: {kind} sink failed ({type(err).__name__}: {err}); continuing")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._sink_failures:
+            self._sink_failures.add(key)
+            warnings.warn(message, RuntimeWarning)
+
+
+def _looks_like_batch(data: Mapping) -> bool:
+    return "input_ids" in data
+
+
+def _describe_source(source, name: str) -> str:
+    if source is None:
+        return "validation"
+    if isinstance(source, Mapping):
+        source = source.get(name)
+    return type(source).__name__
+
+
+def _run_info(trainer: Trainer) -> dict:
+    info = {}
+    for lg in trainer.loggers:
+        with contextlib.suppress(Exception):
+            info.setdefault("name", str(lg.name) if lg.name is not None else None)
+            info.setdefault("version", str(lg.version) if lg.version is not None else None)
+    exp = os.environ.get("EE_EXPERIMENT")
+    if exp:
+        info["experiment"] = exp
+    return info
+
+
+def _make_reduce(trainer: Trainer):
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        device = trainer.strategy.root_device
+        out = trainer.strategy.reduce(tensor.to(device), reduce_op="sum")
+        return out.to("cpu", torch.float64)
+
+    return reduce
+
+
+def _make_wandb_extras(trainer: Trainer):
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+        return None
+    try:
+        from ..sinks.wandb_extras import WandbExtras
+    except Exception as err:  # pragma: no cover - optional sink
+        warnings.warn(f"EarlyExitProbe: W&B extras unavailable ({err})", RuntimeWarning)
+        return None
+    return WandbExtras()
