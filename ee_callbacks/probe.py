@@ -310,6 +310,7 @@ def _lens_token_stats(z: torch.Tensor, final: _FinalChunk, want_js: bool) -> dic
 
 
 _LENS_KEYS = ("agree", "acc", "ce", "kl", "entropy", "max_prob", "margin", "logit_cos", "logit_corr")
+_HEAD_KEYS = ("agree", "acc", "ce", "kl", "max_prob", "logit_corr")
 
 
 class _Sums:
@@ -754,7 +755,7 @@ def _head_chunk(kind, head, flat_states, c0, c1, final, rdtype, sums, store):
             continue
         z = head.logits(h, layer).float()
         st = _lens_token_stats(z, final, False)
-        for key in ("agree", "acc", "ce", "kl", "max_prob"):
+        for key in _HEAD_KEYS:
             sums.add(("head", kind, key, layer), st[key].sum(dtype=torch.float64))
         sums.add(("head", kind, "count", layer), torch.tensor(float(c1 - c0)))
         top1_rows[layer] = st["top1"].cpu()
@@ -819,7 +820,7 @@ def _register_layout(sums: _Sums, cfg, L: int, first: int, has_head: bool, reado
         for kind, head in readouts.items():
             if getattr(head, "kind", "logits") != "confidence":
                 for layer in head.layers:
-                    for key in ("agree", "acc", "ce", "kl", "max_prob", "count"):
+                    for key in _HEAD_KEYS + ("count",):
                         sums.add(("head", kind, key, int(layer)), zero)
 
 
@@ -937,7 +938,7 @@ def _finalize(cfg, parts, model_u, sums, count, L, has_h0, has_head, exit_layers
             n_h = sums.get(("head", kind, "count", layer))
             if n_h is not None and float(n_h) > 0:
                 rows_h.append({"layer": int(layer), **{k: _num(sums.get(("head", kind, k, layer)) / n_h)
-                                                       for k in ("ce", "agree", "acc", "kl", "max_prob")}})
+                                                       for k in _HEAD_KEYS}})
             elif sums.get(("headconf", kind, "n", layer)) is not None:
                 n_c = sums.get(("headconf", kind, "n", layer))
                 n_agree = sums.get(("headconf", kind, "agree_n", layer))
@@ -949,6 +950,13 @@ def _finalize(cfg, parts, model_u, sums, count, L, has_h0, has_head, exit_layers
                     "lens_agree": _num(n_agree / n_c),
                 })
         record.heads[kind] = rows_h
+        head_corr = {r["layer"]: r.get("logit_corr") for r in rows_h}
+        if rows_h and count > 0 and "eas" in cfg.metrics:
+            # layers without a head read out through the logit lens; the final layer is the model itself
+            sim = [head_corr.get(l, by_layer[l].get("logit_corr")) for l in range(1, L + 1)]
+            sim[-1] = 1.0
+            if all(v is not None for v in sim):
+                summary[f"head_{kind}_eas"] = _num(suit_m.eas(torch.tensor(sim, dtype=torch.float64), L, cfg.eas_alpha))
         if sums.get(("headsat", kind, "strict_sum")) is not None and count > 0:
             summary[f"head_{kind}_oracle_skip_strict"] = _num(
                 1.0 - float(sums.get(("headsat", kind, "strict_sum"))) / count / L)

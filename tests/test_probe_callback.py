@@ -1,0 +1,177 @@
+"""EarlyExitProbe inside real Lightning training runs."""
+
+import csv
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from ee_callbacks import EarlyExitProbe, read_records, run_probe
+from ee_callbacks.callbacks.probe import draw_probe_set
+from tests.helpers import TinyLM, loaders, pattern_tokens
+
+
+def _trainer(tmp_path, callbacks, max_steps=30, logger=False, **kw):
+    return L.Trainer(
+        max_steps=max_steps, callbacks=callbacks, logger=logger, default_root_dir=str(tmp_path),
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        deterministic=True, limit_val_batches=0, **kw,
+    )
+
+
+class LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].detach().clone())
+
+
+def _fit(tmp_path, with_probe, steps=30):
+    L.seed_everything(123, workers=True)
+    train, val = loaders()
+    rec = LossRecorder()
+    callbacks = [rec]
+    if with_probe:
+        callbacks.append(EarlyExitProbe(every_n_steps=7, probe_data=pattern_tokens(8, 24, 64, 5), print_table=False))
+    module = TinyLM(dropout=0.1)
+    trainer = _trainer(tmp_path, callbacks, max_steps=steps)
+    trainer.fit(module, train, val)
+    return torch.stack(rec.losses), {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_training_is_bit_identical_with_and_without_probe(tmp_path):
+    losses_a, params_a = _fit(tmp_path / "a", with_probe=False)
+    losses_b, params_b = _fit(tmp_path / "b", with_probe=True)
+    assert losses_a.shape[0] == 30
+    assert torch.equal(losses_a, losses_b)
+    for key in params_a:
+        assert torch.equal(params_a[key], params_b[key]), key
+    steps = [r["step"] for r in read_records(tmp_path / "b" / "ee_probes.jsonl")]
+    assert steps == [0, 7, 14, 21, 28, 30]
+
+
+def test_probe_leaves_modes_grads_rng_untouched():
+    module = TinyLM(dropout=0.1)
+    module.configure_model()
+    model = module.model
+    model.train()
+    model.transformer.h[1].eval()  # a mixed mode pattern must survive
+    ids = pattern_tokens(4, 16, 64, 0)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.lm_head.weight.requires_grad_(False)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    modes = {n: m.training for n, m in model.named_modules()}
+    req = {n: p.requires_grad for n, p in model.named_parameters()}
+    torch.manual_seed(42)
+    rng = torch.get_rng_state()
+    run_probe(model, [ids])
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == req
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert torch.equal(p.grad, grads[n]), n
+    assert torch.is_autocast_enabled("cpu") is False
+
+
+def test_gradient_accumulation_probes_once_per_optimizer_step(tmp_path):
+    train, val = loaders()
+    probe = EarlyExitProbe(every_n_steps=2, probe_data=pattern_tokens(4, 24, 64, 5), print_table=False)
+    trainer = _trainer(tmp_path, [probe], max_steps=5, accumulate_grad_batches=3)
+    trainer.fit(TinyLM(), train, val)
+    steps = [r["step"] for r in read_records(tmp_path / "ee_probes.jsonl")]
+    assert steps == [0, 2, 4, 5]
+
+
+def test_csv_logger_gets_every_scalar_with_explicit_step(tmp_path):
+    train, val = loaders()
+    probe = EarlyExitProbe(every_n_steps=4, probe_sequences=8, print_table=False)
+    logger = CSVLogger(str(tmp_path), name="csv")
+    trainer = _trainer(tmp_path, [probe], max_steps=8, logger=logger)
+    trainer.fit(TinyLM(), train, val)
+    jsonl = Path(logger.log_dir) / "ee_probes.jsonl"  # the trainer's log_dir
+    records = read_records(jsonl)
+    assert [r["step"] for r in records] == [0, 4, 8]
+    with open(Path(logger.log_dir) / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    by_step = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("ee/") and value not in ("", None):
+                by_step.setdefault(int(row["step"]), {})[key] = float(value)
+    assert sorted(by_step) == [0, 4, 8]
+    last = records[-1]
+    assert by_step[8]["ee/agree/layer_02"] == pytest.approx(last["layers"][2]["agree"])
+    assert by_step[8]["ee/kl/layer_01"] == pytest.approx(last["layers"][1]["kl"])
+    assert by_step[8]["ee/summary/eas"] == pytest.approx(last["summary"]["eas"])
+    assert "ee/summary/skip_at_consistency_0.95/max_prob" in by_step[8]
+    # the probe set is drawn from the validation loader: the same tokens at every probe
+    assert len({r["probe"]["tokens"] for r in records}) == 1
+
+
+def test_named_probe_sets_and_output_path(tmp_path):
+    train, val = loaders()
+    out = tmp_path / "elsewhere" / "probes.jsonl"
+    sets = {"counting": pattern_tokens(4, 24, 64, 5), "noise": torch.randint(0, 64, (4, 24))}
+    probe = EarlyExitProbe(every_n_steps=3, probe_data=sets, output_path=out, print_table=False)
+    logger = CSVLogger(str(tmp_path), name="csv")
+    trainer = _trainer(tmp_path, [probe], max_steps=3, logger=logger)
+    trainer.fit(TinyLM(), train, val)
+    records = read_records(out)
+    assert sorted({r["set"] for r in records}) == ["counting", "noise"]
+    assert len(records) == 4
+    with open(Path(logger.log_dir) / "metrics.csv") as fh:
+        header = next(csv.reader(fh))
+    assert "ee/counting/agree/layer_01" in header and "ee/noise/summary/eas" in header
+
+
+def test_state_survives_checkpoint_resume(tmp_path):
+    train, val = loaders()
+    probe = EarlyExitProbe(every_n_steps=3, probe_data=pattern_tokens(4, 24, 64, 5), print_table=False)
+    trainer = L.Trainer(max_steps=6, callbacks=[probe], logger=False, default_root_dir=str(tmp_path),
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(TinyLM(), train, val)
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+    probe2 = EarlyExitProbe(every_n_steps=3, probe_data=pattern_tokens(4, 24, 64, 5), print_table=False)
+    trainer2 = L.Trainer(max_steps=9, callbacks=[probe2], logger=False, default_root_dir=str(tmp_path),
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer2.fit(TinyLM(), train, val, ckpt_path=str(ckpt))
+    steps = [r["step"] for r in read_records(tmp_path / "ee_probes.jsonl")]
+    assert steps == [0, 3, 6, 9]  # no duplicate probe at the resume step
+    assert [h["step"] for h in probe2.history] == [0, 3, 6, 9]
+    assert read_records(tmp_path / "ee_probes.jsonl")[-1]["cka_drift"] is not None
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        EarlyExitProbe(every_n_steps=0)
+    with pytest.raises(ValueError, match="probe_sequences"):
+        EarlyExitProbe(every_n_steps=1, probe_sequences=-1)
+    with pytest.raises(ValueError, match="eas_alpha"):
+        EarlyExitProbe(every_n_steps=1, config={"eas_alpha": -0.1})
+
+
+def test_bad_probe_data_fails_at_fit_start(tmp_path):
+    train, val = loaders()
+    probe = EarlyExitProbe(every_n_steps=1000, probe_data=torch.full((2, 8), 500), print_table=False)
+    trainer = _trainer(tmp_path, [probe], max_steps=2)
+    with pytest.raises(ValueError, match="vocabulary"):
+        trainer.fit(TinyLM(), train, val)
+
+
+def test_draw_is_seeded_and_does_not_touch_global_rng():
+    data = torch.arange(200).reshape(50, 4)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a = draw_probe_set(data, 10, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = draw_probe_set(data, 10, seed=1)
+    c = draw_probe_set(data, 10, seed=2)
+    assert torch.equal(torch.cat([x["input_ids"] for x in a]), torch.cat([x["input_ids"] for x in b]))
+    assert not torch.equal(torch.cat([x["input_ids"] for x in a]), torch.cat([x["input_ids"] for x in c]))
