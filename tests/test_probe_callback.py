@@ -175,3 +175,24 @@ def test_draw_is_seeded_and_does_not_touch_global_rng():
     c = draw_probe_set(data, 10, seed=2)
     assert torch.equal(torch.cat([x["input_ids"] for x in a]), torch.cat([x["input_ids"] for x in b]))
     assert not torch.equal(torch.cat([x["input_ids"] for x in a]), torch.cat([x["input_ids"] for x in c]))
+
+
+def test_draw_is_the_same_from_tensor_dataset_and_loader():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = torch.arange(400).reshape(100, 4)
+    dataset = [data[i] for i in range(100)]
+
+    class MapStyle(torch.utils.data.Dataset):
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, i):
+            return {"input_ids": data[i]}
+
+    a = draw_probe_set(data, 10, seed=3)
+    b = draw_probe_set(MapStyle(), 10, seed=3)
+    c = draw_probe_set(DataLoader(TensorDataset(data), batch_size=7), 10, seed=3)
+    flat = [torch.cat([x["input_ids"] for x in d]) for d in (a, b, c)]
+    assert torch.equal(flat[0], flat[1]) and torch.equal(flat[0], flat[2])
+    assert len(set(flat[0][:, 0].tolist())) == 10 and flat[0][:, 0].max() < 160  # from the first 40 rows

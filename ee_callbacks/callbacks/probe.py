@@ -5,128 +5,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
 
-from ..model_parts import ModelPartsError, find_model_parts, unwrap_model
+from ..model_parts import ModelPartsError, find_model_parts
 from ..probe import ProbeConfig, prepare_batches, run_probe
-from ..records import append_record, read_records
+from ..probe_data import draw_probe_set, preserved_rng
+from ..records import append_record
 from ..sinks.loggers import flatten_record_metrics, format_record_table, log_to_loggers
 
 __all__ = ["EarlyExitProbe", "draw_probe_set", "preserved_rng", "find_language_model"]
 
 log = logging.getLogger("ee_callbacks")
-
-
-@contextlib.contextmanager
-def preserved_rng():
-    """Leave the torch (CPU and CUDA), numpy and Python RNG streams exactly as they were."""
-    torch_state = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-
-
-def _rows_from_item(item) -> tuple:
-    """(input_ids (B, T), attention_mask or None) from a batch/dataset item."""
-    if isinstance(item, torch.Tensor):
-        ids = item
-        mask = None
-    elif isinstance(item, Mapping):
-        if "input_ids" not in item:
-            raise ValueError(f"probe data items need 'input_ids'; got keys {list(item.keys())}")
-        ids, mask = item["input_ids"], item.get("attention_mask")
-    elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
-        ids, mask = item[0], None
-    else:
-        raise TypeError(
-            f"probe data must yield LongTensors or dicts with 'input_ids', got {type(item).__name__}"
-        )
-    ids = torch.as_tensor(ids)
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-        mask = torch.as_tensor(mask).unsqueeze(0) if mask is not None else None
-    return ids, (torch.as_tensor(mask) if mask is not None else None)
-
-
-def draw_probe_set(source, n_sequences: int, seq_len: Optional[int] = None, seed: int = 0,
-                   batch_size: int = 8, pool_factor: int = 4) -> list:
-    """Draw a fixed probe set once: ``n_sequences`` rows chosen with a seeded generator.
-
-    ``source``: a LongTensor (N, T), a map-style dataset, a DataLoader or any iterable of batches. From an iterable
-    the first ``pool_factor × n_sequences`` rows form the pool. Rows are cut to ``seq_len`` tokens and grouped in
-    batches of ``batch_size`` dicts (``input_ids``, ``attention_mask`` when the source has one). The global RNG
-    streams are left untouched (iterating a DataLoader draws a seed from them).
-    """
-    if n_sequences < 1:
-        raise ValueError(f"probe_sequences must be ≥ 1, got {n_sequences}")
-    gen = torch.Generator().manual_seed(int(seed))
-    with preserved_rng():
-        rows, masks = [], []
-        if isinstance(source, torch.Tensor):
-            ids, mask = _rows_from_item(source)
-            rows, masks = [ids], [mask]
-        elif hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, (list, tuple)) \
-                and not hasattr(source, "batch_size"):
-            n = len(source)
-            if n == 0:
-                raise ValueError("the probe dataset is empty")
-            pick = torch.randperm(n, generator=gen)[: n_sequences].sort().values
-            for i in pick.tolist():
-                ids, mask = _rows_from_item(source[i])
-                rows.append(ids)
-                masks.append(mask)
-        else:
-            count = 0
-            for item in source:
-                ids, mask = _rows_from_item(item)
-                rows.append(ids)
-                masks.append(mask)
-                count += ids.shape[0]
-                if count >= pool_factor * n_sequences:
-                    break
-        if not rows:
-            raise ValueError("the probe data yielded no rows: give probe_data or a non-empty validation set")
-        width = min(r.shape[1] for r in rows)
-        if seq_len is not None:
-            width = min(width, int(seq_len))
-        if width < 2:
-            raise ValueError(f"probe sequences must have at least 2 tokens, got {width}; raise seq_len")
-        ids = torch.cat([r[:, :width] for r in rows]).long()
-        has_mask = any(m is not None for m in masks)
-        if has_mask:
-            mask = torch.cat([
-                (m[:, :width] if m is not None else torch.ones(r.shape[0], width, dtype=torch.long))
-                for r, m in zip(rows, masks)
-            ])
-        if ids.shape[0] > n_sequences:
-            pick = torch.randperm(ids.shape[0], generator=gen)[:n_sequences].sort().values
-            ids = ids[pick]
-            if has_mask:
-                mask = mask[pick]
-    batches = []
-    for start in range(0, ids.shape[0], batch_size):
-        batch = {"input_ids": ids[start : start + batch_size]}
-        if has_mask:
-            batch["attention_mask"] = mask[start : start + batch_size]
-        batches.append(batch)
-    return batches
 
 
 def find_language_model(pl_module: torch.nn.Module, model_attr: Optional[str] = None) -> torch.nn.Module:
@@ -179,6 +74,8 @@ class EarlyExitProbe(Callback):
         readouts: extra readouts ``{kind: readout}`` to evaluate, or a callable returning them (``ExitHeads``
             registers its heads here itself).
         wandb_extras: log tables, heatmaps, curves and the JSONL artifact when a WandbLogger is attached.
+        data_name: a label of the probe data for the record (default: the source's type).
+        run_info: ``{"name": ..., "experiment": ...}`` copied into each record's ``run`` (reports name runs by it).
     """
 
     def __init__(
@@ -201,6 +98,7 @@ class EarlyExitProbe(Callback):
         readouts: Any = None,
         wandb_extras: bool = True,
         data_name: Optional[str] = None,
+        run_info: Optional[Mapping] = None,
     ):
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
@@ -227,6 +125,7 @@ class EarlyExitProbe(Callback):
         self.extra_readouts = readouts
         self.wandb_extras = wandb_extras
         self.data_name = data_name
+        self.run_info = dict(run_info or {})
         # state (saved in checkpoints)
         self.history: list = []  # compact per-probe summaries {set, step, summary, layers}
         self.last_probe_step: Optional[int] = None
@@ -394,7 +293,7 @@ class EarlyExitProbe(Callback):
                     shard=(rank, world),
                 )
                 self._drift_state[name] = record.state
-                record.run = _run_info(trainer)
+                record.run = {**_run_info(trainer), **self.run_info}
                 if trainer.is_global_zero:
                     self._emit(trainer, name, record, time.perf_counter() - t0)
         self.last_probe_step = step

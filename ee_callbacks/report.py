@@ -1,0 +1,354 @@
+"""``ee-report``: figures and one HTML page from the probe records of one or more runs.
+
+Usage::
+
+    ee-report RUN_DIR_OR_JSONL [MORE ...] --out DIR [--embed] [--dpi 100] [--quiet]
+
+Each input is a run directory (searched for ``ee_probes.jsonl``, recursively when it is not at the top) or a JSONL
+file; every JSONL found is one run. The report has a section per probe set (the records' ``set`` field); in each:
+
+* when several runs have that set, comparisons first: summary scalars over steps (one line per run) and ``agree``
+  per layer at each run's last probe (one line per run), legends naming each run by ``model.name · run.experiment``
+  (else its directory name);
+* then per run: heatmaps (layer × step) of ``agree``, ``kl`` and ``ce``; EAS, oracle and static skip and the per-rule
+  skip at consistency over steps; exit trade-off curves at the first, middle and last probe; the CKA matrix of the
+  last probe; block influence per layer.
+
+Figures are PNG files under ``DIR/figures/``; ``DIR/report.html`` links them by relative path (``--embed`` puts them
+inside the HTML as base64 instead, for a single file to mail around).
+"""
+
+from __future__ import annotations
+
+
+import argparse
+import base64
+import datetime
+import html
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from ee_callbacks import plotting
+from ee_callbacks.records import read_records
+
+RECORDS_FILE = "ee_probes.jsonl"
+DEFAULT_SET = "default"
+HEATMAP_METRICS = ("agree", "kl", "ce")
+_BLOCK_INFLUENCE_TITLE = "block influence BI_ℓ = 1 − cos(h_(ℓ−1), h_ℓ)"
+_TABLE_SUMMARY_KEYS = ("eas", "oracle_skip_strict", "oracle_skip_lenient", "static_skip_5pct", "spec_speedup_est")
+
+
+class ReportError(Exception):
+    """A problem with the report's inputs (no such path, no records); the message says what to do."""
+
+
+@dataclass
+class RunRecords:
+    """The records of one run (one JSONL file) and the label figures use for it."""
+
+    label: str
+    source: Path
+    records: list[dict[str, Any]]
+
+    def for_set(self, set_name: str) -> list[dict[str, Any]]:
+        return [record for record in self.records if record_set(record) == set_name]
+
+
+@dataclass
+class ReportFigure:
+    """One figure of the report: where its PNG is and the data it drew (``plotting.Plot.data``)."""
+
+    set_name: str
+    run_label: str | None  # None for a comparison of several runs
+    name: str
+    title: str
+    path: Path
+    data: dict[str, Any]
+    legend: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    out_dir: Path
+    html_path: Path
+    runs: list[RunRecords]
+    figures: list[ReportFigure]
+
+    def find(self, name: str, set_name: str = DEFAULT_SET, run_label: str | None = None) -> ReportFigure:
+        """The figure called ``name`` of one run (or the comparison when ``run_label`` is None) in one set."""
+        for figure in self.figures:
+            if figure.name == name and figure.set_name == set_name and figure.run_label == run_label:
+                return figure
+        raise KeyError(f"no figure {name!r} for run {run_label!r} in set {set_name!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file (the project's one reader: a torn last line is dropped with a warning)."""
+    return read_records(path)
+
+
+def record_set(record: dict[str, Any]) -> str:
+    name = record.get("set")
+    return DEFAULT_SET if name in (None, "") else str(name)
+
+
+def find_record_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The JSONL files named by ``paths``: files as given, directories searched for ``ee_probes.jsonl``."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            candidates = [path]
+        elif path.is_dir():
+            candidates = [path / RECORDS_FILE] if (path / RECORDS_FILE).is_file() else sorted(path.rglob(RECORDS_FILE))
+            if not candidates:
+                raise ReportError(
+                    f"{path}: no {RECORDS_FILE} in this directory or below it. Pass a run directory of a run with "
+                    f"the EarlyExitProbe callback, or the JSONL file itself."
+                )
+        else:
+            raise ReportError(f"{path}: no such file or directory")
+        for candidate in candidates:
+            if candidate.resolve() not in {known.resolve() for known in found}:
+                found.append(candidate)
+    return found
+
+
+def load_runs(paths: Iterable[str | Path]) -> list[RunRecords]:
+    """One :class:`RunRecords` per JSONL file found, each with a unique label."""
+    paths = list(paths)
+    if not paths:
+        raise ReportError("no inputs: pass run directories or ee_probes.jsonl files")
+    runs: list[RunRecords] = []
+    for raw in paths:
+        files = find_record_files([raw])
+        loaded = [(path, _read_jsonl(path)) for path in files]
+        if not any(records for _, records in loaded):
+            listing = ", ".join(str(path) for path in files)
+            raise ReportError(f"{raw}: no probe records in {listing} (empty, or no line is a JSON object)")
+        for path, records in loaded:
+            if not records:
+                warnings.warn(f"{path}: no probe records; left out of the report", RuntimeWarning, stacklevel=2)
+                continue
+            if any(run.source.resolve() == path.resolve() for run in runs):
+                continue
+            fallback = path.parent.name if path.name == RECORDS_FILE else path.stem
+            runs.append(RunRecords(plotting.run_label(records[0], fallback or str(path)), path, records))
+    _make_labels_unique(runs)
+    return runs
+
+
+def _make_labels_unique(runs: list[RunRecords]) -> None:
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.label] = counts.get(run.label, 0) + 1
+    for run in runs:
+        if counts[run.label] > 1:  # same model and experiment (e.g. seeds): tell them apart by directory
+            run.label = f"{run.label} [{run.source.parent.name}]"
+    seen: dict[str, int] = {}
+    for run in runs:
+        seen[run.label] = seen.get(run.label, 0) + 1
+        if seen[run.label] > 1:
+            run.label = f"{run.label} #{seen[run.label]}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
+
+
+def _run_figures(records: list[dict[str, Any]]) -> list[Callable[[], plotting.Plot | None]]:
+    last = plotting.ordered_records(records)[-1]
+    builders: list[Callable[[], plotting.Plot | None]] = [
+        (lambda metric=metric: plotting.heatmap(records, metric)) for metric in HEATMAP_METRICS
+    ]
+    builders += [
+        lambda: plotting.summary_over_steps(records),
+        lambda: plotting.tradeoff_first_middle_last(records),
+        lambda: plotting.cka_heatmap(last),
+        lambda: plotting.layer_lines(records, "block_influence", title=_BLOCK_INFLUENCE_TITLE),
+    ]
+    return builders
+
+
+def _comparison_figures(runs: dict[str, list[dict[str, Any]]]) -> list[Callable[[], plotting.Plot | None]]:
+    return [lambda: plotting.overlay_summary(runs), lambda: plotting.overlay_layer_metric(runs, "agree")]
+
+
+def build_report(
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    embed: bool = False,
+    dpi: int = 100,
+    progress: bool = True,
+) -> Report:
+    """Read the runs, draw every figure into ``out_dir/figures`` and write ``out_dir/report.html``."""
+    from tqdm.auto import tqdm
+
+    runs = load_runs(paths)
+    out_dir = Path(out_dir)
+    figures_dir = out_dir / "figures"
+    sets = sorted({record_set(record) for run in runs for record in run.records}, key=lambda s: (s != DEFAULT_SET, s))
+
+    # (set, run label or None, file stem directory, builder); built first so the progress bar knows the total.
+    tasks: list[tuple[str, str | None, Path, Callable[[], plotting.Plot | None]]] = []
+    for set_name in sets:
+        set_dir = figures_dir / _slug(set_name)
+        in_set = {run.label: run.for_set(set_name) for run in runs if run.for_set(set_name)}
+        if len(in_set) > 1:
+            tasks += [(set_name, None, set_dir / "compare", build) for build in _comparison_figures(in_set)]
+        for index, (label, records) in enumerate(in_set.items()):
+            run_dir = set_dir / f"{index:02d}_{_slug(label)}"
+            tasks += [(set_name, label, run_dir, build) for build in _run_figures(records)]
+
+    figures: list[ReportFigure] = []
+    for set_name, label, directory, build in tqdm(tasks, desc="ee-report", unit="fig", disable=not progress):
+        plot = build()
+        if plot is None:
+            continue
+        path = plot.save(directory / f"{plot.name}.png", dpi=dpi)
+        figures.append(ReportFigure(set_name, label, plot.name, plot.title, path, plot.data, plot.legend_labels()))
+        plot.close()
+
+    html_path = out_dir / "report.html"
+    html_path.write_text(_render_html(runs, sets, figures, out_dir, embed), encoding="utf-8")
+    return Report(out_dir, html_path, runs, figures)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HTML
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; }
+figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.85em; color: #555; }
+.note { color: #666; font-size: 0.85em; }
+"""
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "–" if value is None else str(value)
+
+
+def _run_table(runs: list[RunRecords], set_name: str) -> str:
+    header = ["run", "model", "family", "layers", "params", "probes", "steps", *_TABLE_SUMMARY_KEYS, "EAS from", "file"]
+    rows = []
+    for run in runs:
+        records = plotting.ordered_records(run.for_set(set_name))
+        if not records:
+            continue
+        last = records[-1]
+        model = last.get("model") if isinstance(last.get("model"), dict) else {}
+        summary = last.get("summary") if isinstance(last.get("summary"), dict) else {}
+        steps = [record.get("step") for record in records if isinstance(record.get("step"), int)]
+        eas_from = (
+            f"{summary.get('eas_similarity')}, α={_format(summary.get('eas_alpha'))}"
+            if summary.get("eas_similarity") is not None
+            else "–"
+        )
+        cells = [
+            run.label,
+            model.get("name"),
+            model.get("family"),
+            model.get("n_layers"),
+            model.get("params"),
+            len(records),
+            f"{min(steps)}–{max(steps)}" if steps else None,
+            *(summary.get(key) if not isinstance(summary.get(key), dict) else None for key in _TABLE_SUMMARY_KEYS),
+            eas_from,
+            str(run.source),
+        ]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(_format(cell))}</td>" for cell in cells) + "</tr>")
+    head = "<tr>" + "".join(f"<th>{html.escape(name)}</th>" for name in header) + "</tr>"
+    return f"<table>{head}{''.join(rows)}</table><p class='note'>Summary values are those of each run's last probe.</p>"
+
+
+def _figure_html(figure: ReportFigure, out_dir: Path, embed: bool) -> str:
+    if embed:
+        source = "data:image/png;base64," + base64.b64encode(figure.path.read_bytes()).decode("ascii")
+    else:
+        source = figure.path.relative_to(out_dir).as_posix()
+    title = html.escape(figure.title)
+    return f'<figure><img src="{html.escape(source)}" alt="{title}"><figcaption>{title}</figcaption></figure>'
+
+
+def _render_html(
+    runs: list[RunRecords], sets: list[str], figures: list[ReportFigure], out_dir: Path, embed: bool
+) -> str:
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Early-exit probe report</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        "<h1>Early-exit probe report</h1>",
+        f"<p class='note'>{len(runs)} run(s), generated {html.escape(now)} by ee-report.</p>",
+    ]
+    for set_name in sets:
+        parts.append(f"<h2>Probe set: {html.escape(set_name)}</h2>")
+        parts.append(_run_table(runs, set_name))
+        comparison = [f for f in figures if f.set_name == set_name and f.run_label is None]
+        if comparison:
+            parts.append("<h3>Runs compared</h3>")
+            parts += [_figure_html(figure, out_dir, embed) for figure in comparison]
+        for run in runs:
+            own = [f for f in figures if f.set_name == set_name and f.run_label == run.label]
+            if own:
+                parts.append(f"<h3>{html.escape(run.label)}</h3>")
+                parts += [_figure_html(figure, out_dir, embed) for figure in own]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ee-report",
+        description="Plot early-exit probe records (ee_probes.jsonl) of one or more runs into PNGs and report.html.",
+    )
+    parser.add_argument(
+        "paths", nargs="+", metavar="PATH", help="run directory or ee_probes.jsonl file (several are compared)"
+    )
+    parser.add_argument("--out", default="ee_report", metavar="DIR", help="output directory (default: ./ee_report)")
+    parser.add_argument("--embed", action="store_true", help="embed the images in report.html as base64")
+    parser.add_argument("--dpi", type=int, default=100, help="PNG resolution (default: 100)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, no final message")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.dpi <= 0:
+        print(f"ee-report: error: --dpi must be positive, got {args.dpi}", file=sys.stderr)
+        return 2
+    try:
+        report = build_report(args.paths, args.out, embed=args.embed, dpi=args.dpi, progress=not args.quiet)
+    except ReportError as error:
+        print(f"ee-report: error: {error}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(f"ee-report: {len(report.figures)} figures, {len(report.runs)} run(s) → {report.html_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
