@@ -203,10 +203,11 @@ def _find_final_norm(
         if "norm" in type(mod).__name__.lower() or isinstance(mod, nn.LayerNorm):
             if not any(True for _ in mod.children()):  # a leaf normalisation module
                 cands.append((i, name, mod))
-    if not cands:
-        return None, None
+    # only a norm registered after the block stack can be the final norm (an embedding LayerNorm comes before it)
     later = [c for c in cands if c[0] > after]
-    _, name, mod = (later or cands)[-1]
+    if not later:
+        return None, None
+    _, name, mod = later[-1]
     return name, mod
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -16,7 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from ..model_parts import ModelPartsError, find_model_parts
 from ..probe import ProbeConfig, prepare_batches, run_probe
 from ..probe_data import draw_probe_set, preserved_rng
-from ..records import append_record
+from ..records import append_record, read_records
 from ..sinks.loggers import flatten_record_metrics, format_record_table, log_to_loggers
 
 __all__ = ["EarlyExitProbe", "draw_probe_set", "preserved_rng", "find_language_model"]
@@ -137,6 +138,8 @@ class EarlyExitProbe(Callback):
         self._path: Optional[Path] = None
         self._extras = None
         self._sink_failures: set = set()
+        self._pending: list = []
+        self._resumed = False
         self.last_records: dict = {}
 
     # ------------------------------------------------------------------ identity / state
@@ -157,6 +160,7 @@ class EarlyExitProbe(Callback):
         self.history = list(state_dict.get("history", []))
         self.last_probe_step = state_dict.get("last_probe_step")
         self._drift_state = dict(state_dict.get("drift_state", {}) or {})
+        self._resumed = True
 
     # ------------------------------------------------------------------ set-up
     def _resolve_sets(self, trainer: Trainer, pl_module: LightningModule) -> dict:
@@ -199,6 +203,8 @@ class EarlyExitProbe(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._path = self._run_dir(trainer)  # log_dir broadcasts: every rank calls it
+        if trainer.is_global_zero:
+            _check_writable(self._path)
         self._lm = find_language_model(pl_module, self.model_attr)
         self._parts = find_model_parts(self._lm, **self.part_paths)
         self._sets = self._resolve_sets(trainer, pl_module)
@@ -230,6 +236,8 @@ class EarlyExitProbe(Callback):
 
     # ------------------------------------------------------------------ triggers
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._resumed and trainer.is_global_zero:
+            self._drop_records_after_resume()
         if self.probe_at_start and trainer.global_step == 0 and self.last_probe_step is None:
             self._probe(trainer, pl_module)
 
@@ -242,6 +250,8 @@ class EarlyExitProbe(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.probe_at_end and self.last_probe_step != trainer.global_step and self._sets:
             self._probe(trainer, pl_module)
+        if trainer.is_global_zero and self._pending:
+            self._write_pending_or_raise()
         if trainer.is_global_zero:
             if self.print_table and self.last_records:
                 for name, record in self.last_records.items():
@@ -253,6 +263,17 @@ class EarlyExitProbe(Callback):
                     self._safe(lambda: self._extras.log_final(wl, last), "wandb")
                 heads_dir = getattr(self, "heads_dir", None)
                 self._safe(lambda: self._extras.log_artifact(wl, str(self._path), heads_dir), "wandb")
+
+    def _write_pending_or_raise(self) -> None:
+        try:
+            while self._pending:
+                append_record(self._path, self._pending[0])
+                self._pending.pop(0)
+        except OSError as err:
+            raise OSError(
+                f"EarlyExitProbe: {len(self._pending)} probe record(s) could not be written to {self._path} ({err}); "
+                "they are in this callback's `last_records`/`history`"
+            ) from err
 
     # ------------------------------------------------------------------ the probe
     def _readouts(self, trainer: Trainer) -> dict:
@@ -298,8 +319,24 @@ class EarlyExitProbe(Callback):
                     self._emit(trainer, name, record, time.perf_counter() - t0)
         self.last_probe_step = step
 
+    def _write(self, record) -> dict:
+        """Append a record (and any that failed before). A failure warns and keeps the record pending: training goes
+        on, and ``on_train_end`` raises if records could still not be written, so none is lost silently."""
+        data = record.to_dict() if hasattr(record, "to_dict") else record
+        self._pending.append(data)
+        try:
+            while self._pending:
+                append_record(self._path, self._pending[0])
+                self._pending.pop(0)
+        except OSError as err:
+            warnings.warn(
+                f"EarlyExitProbe: could not write {self._path} ({err}); {len(self._pending)} record(s) kept in memory "
+                "and retried at the next probe", RuntimeWarning,
+            )
+        return data
+
     def _emit(self, trainer: Trainer, name: str, record, seconds: float) -> None:
-        data = append_record(self._path, record)  # an unwritable record is an error the user sees
+        data = self._write(record)
         self.last_records[name] = data
         self.history.append({"set": name, "step": data["step"], "summary": data["summary"], "layers": data["layers"]})
         prefix = "ee" if name == "default" else f"ee/{name}"
@@ -324,6 +361,27 @@ class EarlyExitProbe(Callback):
             with contextlib.suppress(Exception):
                 bar.print(msg)
 
+    def _drop_records_after_resume(self) -> None:
+        """A run killed after its last checkpoint left records the resumed run will recompute: drop them, so the file
+        continues with no duplicate and no gap (rewritten atomically)."""
+        if self._path is None or not self._path.exists():
+            return
+        last = self.last_probe_step if self.last_probe_step is not None else -1
+        records = read_records(self._path)
+        keep = [r for r in records if not (r.get("source") == "train" and r.get("set") in self._sets
+                                          and int(r.get("step", -1)) > last)]
+        if len(keep) == len(records):
+            return
+        tmp = self._path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for rec in keep:
+                fh.write(json.dumps(rec, allow_nan=False, separators=(",", ":")) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._path)
+        log.warning("EarlyExitProbe: resumed at probe step %s; dropped %d record(s) written after that checkpoint",
+                    last, len(records) - len(keep))
+
     # ------------------------------------------------------------------ helpers
     def _wandb_logger(self, trainer: Trainer):
         from lightning.pytorch.loggers import WandbLogger
@@ -343,6 +401,17 @@ class EarlyExitProbe(Callback):
         if key not in self._sink_failures:
             self._sink_failures.add(key)
             warnings.warn(message, RuntimeWarning)
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        raise OSError(
+            f"EarlyExitProbe cannot write its records to {path} ({err}): pass output_path= to a writable file"
+        ) from None
 
 
 def _looks_like_batch(data: Mapping) -> bool:
