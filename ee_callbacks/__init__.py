@@ -22,6 +22,8 @@ _LAZY = {
     "EarlyExitProbe": "ee_callbacks.callbacks.probe",
     "ExitHeads": "ee_callbacks.callbacks.exit_heads",
     "EarlyExitLoss": "ee_callbacks.exit_loss",
+    "load_exit_heads": "ee_callbacks.readouts",
+    "draw_probe_set": "ee_callbacks.probe_data",
 }
 
 __all__ = sorted(_LAZY)

@@ -277,6 +277,7 @@ def analyze(
     batch_size: Optional[int] = None,
     config: Optional[dict] = None,
     heads: Optional[str] = None,
+    heads_any_checkpoint: bool = False,
     logger: str = "csv",
     progress: bool = True,
 ) -> dict:
@@ -323,9 +324,14 @@ def analyze(
             batches = probe_cache[cache_key]
             readouts = None
             if heads:
-                from .readouts import load_exit_heads
+                from .readouts import ExitHeadsMismatchError, load_exit_heads
 
-                readouts = load_exit_heads(heads, model)
+                try:
+                    readouts = load_exit_heads(heads, model, check_fingerprint=not heads_any_checkpoint)
+                except ExitHeadsMismatchError as err:
+                    warnings.warn(f"{entry.key}: exit heads not evaluated ({err}); pass --heads-any-checkpoint to "
+                                  "evaluate them on checkpoints other than the one they were trained against",
+                                  RuntimeWarning)
             record = run_probe(
                 model, batches, config=cfg, step=entry.step, source="checkpoint", checkpoint=entry.key,
                 data_name=probe_text or ("run probe set" if entry.probe_source else "fortunes"), seed=the_seed,
@@ -410,6 +416,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--heads", default=None, help="a directory saved by ExitHeads.save to evaluate as well")
+    parser.add_argument("--heads-any-checkpoint", action="store_true",
+                        help="evaluate --heads on every checkpoint, not only the one they were trained against")
     parser.add_argument("--config", nargs="*", default=[], help="ProbeConfig overrides, key=value (JSON values)")
     parser.add_argument("--logger", default="csv", choices=["csv", "tensorboard", "wandb", "none"])
     parser.add_argument("--report", action="store_true", help="draw DIR/report.html afterwards")
@@ -420,7 +428,8 @@ def main(argv: Optional[list] = None) -> int:
             args.sources, args.out,
             revisions=args.revisions.split(",") if args.revisions else None,
             probe_text=args.probe_text, probe_sequences=args.probe_sequences, seq_len=args.seq_len, seed=args.seed,
-            batch_size=args.batch_size, config=_parse_overrides(args.config), heads=args.heads, logger=args.logger,
+            batch_size=args.batch_size, config=_parse_overrides(args.config), heads=args.heads,
+            heads_any_checkpoint=args.heads_any_checkpoint, logger=args.logger,
             progress=not args.no_progress,
         )
     except (FileNotFoundError, RuntimeError, ValueError, ImportError) as err:

@@ -1,0 +1,544 @@
+"""``ExitHeads``: train tuned lenses, exit heads and CALM confidence classifiers online, beside the model."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from ..capture import first_tensor
+from ..model_parts import ModelPartsError, find_model_parts
+from ..readouts import (
+    HEAD_KINDS,
+    OBJECTIVES,
+    HeadTargets,
+    build_readout,
+    load_exit_heads,
+    resolve_layers,
+    save_exit_heads,
+)
+from ..sinks.loggers import log_to_loggers
+from .probe import find_language_model
+
+__all__ = ["ExitHeads", "load_exit_heads"]
+
+log = logging.getLogger("ee_callbacks")
+
+_OPTIMIZERS = ("adam", "adamw", "sgd")
+_SCHEDULES = ("constant", "cosine", "linear")
+
+
+class ExitHeads(Callback):
+    r"""Train lightweight exit heads online from the hidden states the training forward already computes.
+
+    Forward hooks on the blocks and on the unembedding keep, for a sample of at most ``max_tokens`` positions of each
+    training micro-batch, the detached hidden states ``h_ℓ`` and the model's own logits ``z_L`` (no extra forward).
+    After the model's step the heads take their own optimizer step on them. The model trains exactly as without the
+    callback: the captures are detached, the heads read the model's norm and unembedding with detached parameters
+    (never touching their ``.grad``), the token sample uses a private generator (no global RNG draw), and
+    ``LightningModule.log`` is never called.
+
+    Head kinds (see :mod:`ee_callbacks.readouts`): ``tuned_lens`` (residual affine translator, zero-init, shared
+    frozen head; KL to the final distribution), ``linear`` (own norm + unembedding copied from the model), ``mlp``
+    (residual MLP before the shared head), ``confidence`` (CALM classifier, BCE against
+    ``1[argmax z_ℓ = argmax z_L]``). Every ``EarlyExitProbe`` in the trainer evaluates them (its ``heads`` section,
+    curves ``head_<kind>``, summary ``head_<kind>_oracle_skip_strict`` and ``head_<kind>_eas``).
+
+    Logged keys (through every logger of the trainer, with ``step=trainer.global_step``, every
+    ``log_every_n_steps`` optimizer steps, global rank zero only):
+
+    - ``ee/heads_train/<kind>/loss``: the head's training loss (mean over its layers and the step's micro-batches;
+      KL or CE in nats for logits kinds, BCE in nats for ``confidence``);
+    - ``ee/heads_train/lr``: the heads' learning rate.
+
+    Rules:
+
+    - Once per optimizer step: each training micro-batch adds its gradients; the heads step (gradients averaged over
+      the micro-batches) when ``trainer.global_step`` has advanced, i.e. under gradient accumulation once per step.
+    - Only the first call of each block per training batch is kept, and capture stops after the unembedding ran: so
+      gradient checkpointing's recomputation in backward, validation, sanity checks and the probe's own forwards
+      are ignored. A ``training_step`` that runs the model several times trains heads on its first forward only.
+    - Under data parallelism every rank captures its own tokens and the head gradients are averaged across ranks
+      (one all-reduce per head step), so the heads stay identical.
+    - State (heads, optimizer, scheduler, step counter) is saved in the Lightning checkpoint and restored whether
+      Lightning restores callbacks before ``on_fit_start`` (single device, DDP: kept pending until the heads are
+      built) or after (FSDP, DeepSpeed). Gradients of a half-accumulated step are not saved.
+    - Hooks are removed at the end of fit (also when fit fails).
+
+    Args:
+        kinds: head kinds to train, a subset of ``tuned_lens``, ``linear``, ``mlp``, ``confidence``.
+        layers: blocks with a head: None (all of 1..L−1), an int stride k (k, 2k, …), or a list of block indices.
+        max_tokens: positions sampled per training micro-batch (None: all valid positions).
+        objective: ``kl`` (KL(p_L ‖ p_head), the tuned-lens objective) or ``ce`` (next-token cross-entropy) for the
+            logits kinds.
+        optimizer: ``adam``, ``adamw`` or ``sgd`` (momentum 0.9, Nesterov).
+        lr, weight_decay, betas: optimizer settings.
+        schedule: None/``constant``, ``cosine`` or ``linear`` decay to ``min_lr_ratio`` over ``total_steps``
+            (default: the trainer's estimated optimizer steps), after ``warmup_steps`` of linear warm-up.
+        grad_clip: clip the heads' gradient norm (per kind) to this value; None for no clipping.
+        mlp_hidden: width of the ``mlp`` heads (default d).
+        seed: seed of the token sample and of the ``mlp`` initialisation.
+        model_attr, blocks, final_norm, unembed: as for ``EarlyExitProbe``.
+        save_dir: when set, ``save()`` the heads there at the end of fit and point every ``EarlyExitProbe``'s
+            ``heads_dir`` at it (the W&B artifact then includes the heads).
+        log_every_n_steps: optimizer steps between logged training losses.
+    """
+
+    def __init__(
+        self,
+        kinds: Sequence[str] = ("tuned_lens", "confidence"),
+        layers: Union[None, int, str, Sequence[int]] = None,
+        max_tokens: Optional[int] = 512,
+        objective: str = "kl",
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: Sequence[float] = (0.9, 0.999),
+        schedule: Optional[str] = None,
+        warmup_steps: int = 0,
+        total_steps: Optional[int] = None,
+        min_lr_ratio: float = 0.0,
+        grad_clip: Optional[float] = None,
+        mlp_hidden: Optional[int] = None,
+        seed: int = 0,
+        model_attr: Optional[str] = None,
+        blocks: Optional[str] = None,
+        final_norm: Optional[str] = None,
+        unembed: Optional[str] = None,
+        save_dir: Optional[Union[str, Path]] = None,
+        log_every_n_steps: int = 50,
+    ):
+        super().__init__()
+        if isinstance(kinds, str):
+            kinds = [kinds]
+        kinds = [str(k) for k in kinds]
+        unknown = [k for k in kinds if k not in HEAD_KINDS]
+        if not kinds or unknown or len(set(kinds)) != len(kinds):
+            raise ValueError(f"kinds must be distinct entries of {list(HEAD_KINDS)}, got {kinds}")
+        if layers is not None and not isinstance(layers, (int, str)):
+            layers = [int(x) for x in layers]
+        if isinstance(layers, str) and layers != "all":
+            raise ValueError(f"layers must be None, 'all', an int stride or a list of block indices, got {layers!r}")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or int(max_tokens) < 1):
+            raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+        if optimizer not in _OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(_OPTIMIZERS)}, got {optimizer!r}")
+        if not float(lr) > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if schedule is not None and schedule not in _SCHEDULES:
+            raise ValueError(f"schedule must be None or one of {list(_SCHEDULES)}, got {schedule!r}")
+        if int(warmup_steps) < 0 or (total_steps is not None and int(total_steps) < 1):
+            raise ValueError(f"warmup_steps must be ≥ 0 and total_steps ≥ 1, got {warmup_steps}, {total_steps}")
+        if not 0.0 <= float(min_lr_ratio) <= 1.0:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
+        if grad_clip is not None and not float(grad_clip) > 0:
+            raise ValueError(f"grad_clip must be positive or None, got {grad_clip}")
+        if isinstance(log_every_n_steps, bool) or int(log_every_n_steps) < 1:
+            raise ValueError(f"log_every_n_steps must be a positive integer, got {log_every_n_steps!r}")
+        self.kinds = kinds
+        self.layers_arg = layers
+        self.max_tokens = int(max_tokens) if max_tokens is not None else None
+        self.objective = objective
+        self.optimizer_name = optimizer
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.betas = tuple(float(b) for b in betas)
+        self.schedule = schedule
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps) if total_steps is not None else None
+        self.min_lr_ratio = float(min_lr_ratio)
+        self.grad_clip = float(grad_clip) if grad_clip is not None else None
+        self.mlp_hidden = mlp_hidden
+        self.seed = int(seed)
+        self.model_attr = model_attr
+        self.part_paths = {"blocks": blocks, "final_norm": final_norm, "unembed": unembed}
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+        self.log_every_n_steps = int(log_every_n_steps)
+        # state
+        self.heads: Optional[torch.nn.ModuleDict] = None
+        self.head_steps = 0
+        self._optimizer = None
+        self._scheduler = None
+        self._pending_state: Optional[dict] = None
+        # runtime
+        self._parts = None
+        self._lm = None
+        self._layers: list = []
+        self._needed: list = []
+        self._handles: list = []
+        self._armed = False
+        self._captures: dict = {}
+        self._final: Optional[torch.Tensor] = None
+        self._selection: Optional[torch.Tensor] = None
+        self._positions: tuple = (0, 0)
+        self._batch_info: Optional[tuple] = None
+        self._sample_key = (0, 0)
+        self._step_at_start = 0
+        self._micro_batches = 0
+        self._loss_sums: dict = {}
+        self._loss_counts: dict = {}
+        self._warned: set = set()
+
+    # ------------------------------------------------------------------ identity / state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(kinds=tuple(self.kinds), layers=str(self.layers_arg))
+
+    def state_dict(self) -> dict:
+        if self.heads is None:  # restored but not yet built: pass the pending state on unchanged
+            return dict(self._pending_state) if self._pending_state is not None else {}
+        return {
+            "version": 1,
+            "kinds": list(self.kinds),
+            "layers": list(self._layers),
+            "heads": {kind: {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+                      for kind, head in self.heads.items()},
+            "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
+            "scheduler": self._scheduler.state_dict() if self._scheduler is not None else None,
+            "head_steps": self.head_steps,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict:
+            return
+        if self.heads is None:  # DDP / single device: Lightning restores callbacks before on_fit_start
+            self._pending_state = dict(state_dict)
+        else:  # FSDP / DeepSpeed: after on_fit_start built the heads
+            self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict) -> None:
+        if list(state.get("kinds", [])) != list(self.kinds):
+            raise ValueError(f"ExitHeads: the checkpoint holds heads of kinds {state.get('kinds')}, this callback "
+                             f"trains {self.kinds}; use the same kinds to resume")
+        if list(state.get("layers", [])) != list(self._layers):
+            raise ValueError(f"ExitHeads: the checkpoint's heads cover layers {state.get('layers')}, this callback "
+                             f"{self._layers}; use the same layers to resume")
+        for kind, head in self.heads.items():
+            head.load_state_dict(state["heads"][kind], strict=True)
+        if state.get("optimizer") is not None and self._optimizer is not None:
+            self._optimizer.load_state_dict(state["optimizer"])
+        if state.get("scheduler") is not None and self._scheduler is not None:
+            self._scheduler.load_state_dict(state["scheduler"])
+        self.head_steps = int(state.get("head_steps", 0))
+        self._pending_state = None
+
+    # ------------------------------------------------------------------ building
+    def build(self, lm: torch.nn.Module, device=None, total_steps: Optional[int] = None) -> dict:
+        """Build the heads for language model ``lm`` (idempotent), their optimizer and schedule; apply any state
+        restored before the heads existed. Returns ``{kind: readout}``."""
+        if self.heads is not None and self._lm is lm:
+            return dict(self.heads.items())
+        parts = find_model_parts(lm, **self.part_paths)
+        if parts.unembed is None:
+            raise ModelPartsError("ExitHeads needs the model's unembedding (LM head) to train exit heads; pass "
+                                  "unembed='path.to.lm_head' if discovery missed it")
+        self._lm, self._parts = lm, parts
+        self._layers = resolve_layers(self.layers_arg, parts.n_layers)
+        if device is None:
+            device = parts.unembed.weight.device
+        heads = {}
+        for kind in self.kinds:
+            options = {"hidden": self.mlp_hidden, "seed": self.seed} if kind == "mlp" else {}
+            heads[kind] = build_readout(kind, parts, self._layers, self.objective, **options)
+        self.heads = torch.nn.ModuleDict(heads).to(device)
+        self._needed = sorted(set(self._layers))
+        self._make_optimizer(total_steps)
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+        return dict(self.heads.items())
+
+    def _make_optimizer(self, total_steps: Optional[int]) -> None:
+        groups = [{"params": list(head.parameters()), "kind": kind} for kind, head in self.heads.items()]
+        if self.optimizer_name == "sgd":
+            self._optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=0.9, nesterov=True,
+                                              weight_decay=self.weight_decay)
+        elif self.optimizer_name == "adamw":
+            self._optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        else:
+            self._optimizer = torch.optim.Adam(groups, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        self._scheduler = None
+        if self.schedule is not None or self.warmup_steps > 0:
+            total = self.total_steps or total_steps or 0
+            warmup, schedule, floor = self.warmup_steps, self.schedule or "constant", self.min_lr_ratio
+            if schedule != "constant" and total <= 0:
+                raise ValueError("ExitHeads: schedule needs total_steps (or a trainer with max_steps/max_epochs)")
+
+            def factor(step: int) -> float:
+                if warmup > 0 and step < warmup:
+                    return (step + 1) / warmup
+                if schedule == "constant" or total <= warmup:
+                    return 1.0
+                progress = min(1.0, (step - warmup) / max(1, total - warmup))
+                if schedule == "cosine":
+                    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+                return floor + (1.0 - floor) * (1.0 - progress)
+
+            self._scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, factor)
+
+    def probe_readouts(self) -> dict:
+        """``{kind: readout}`` for ``EarlyExitProbe`` (empty before the heads are built)."""
+        return dict(self.heads.items()) if self.heads is not None else {}
+
+    # ------------------------------------------------------------------ hooks
+    def _register_hooks(self) -> None:
+        self._remove_hooks()
+        blocks = self._parts.blocks
+        for layer in self._needed:
+            self._handles.append(blocks[layer - 1].register_forward_hook(self._block_hook(layer)))
+        self._handles.append(self._parts.unembed.register_forward_hook(self._unembed_hook))
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _select(self, shape: torch.Size, device) -> Optional[torch.Tensor]:
+        """Flat indices of the sampled positions of this micro-batch (same for every layer and the logits)."""
+        if self._selection is not None:
+            return self._selection
+        if len(shape) != 3:
+            return None
+        B, T = int(shape[0]), int(shape[1])
+        self._positions = (B, T)
+        valid = torch.ones(B, T, dtype=torch.bool)
+        info = self._batch_info
+        if info is not None and info[0].shape == (B, T):
+            valid = info[2]
+        flat = valid.reshape(-1).nonzero().squeeze(1)
+        if self.max_tokens is not None and flat.numel() > self.max_tokens:
+            # a private generator keyed by (seed, step, batch index): no global RNG draw, identical after a resume
+            gen = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + self._sample_key[0] * 7_919 + self._sample_key[1]) % (2**63 - 1))
+            pick = torch.randperm(flat.numel(), generator=gen)[: self.max_tokens].sort().values
+            flat = flat[pick]
+        self._selection = flat.to(device)
+        return self._selection
+
+    def _block_hook(self, layer: int):
+        def hook(module, args, output):
+            if not self._armed or layer in self._captures:
+                return None
+            h = first_tensor(output)
+            if h is None or h.dim() != 3:
+                self._disarm_with_warning("block_shape", f"block {layer} returned no (B, T, d) hidden state")
+                return None
+            sel = self._select(h.shape, h.device)
+            self._captures[layer] = h.detach().reshape(-1, h.shape[-1]).index_select(0, sel)
+            return None
+
+        return hook
+
+    def _unembed_hook(self, module, args, output):
+        if not self._armed:
+            return None
+        self._armed = False  # the training forward is over: ignore backward recomputation, probes, validation
+        z = first_tensor(output)
+        sel = self._selection
+        if z is None or sel is None or z.dim() != 3 or tuple(z.shape[:2]) != self._positions:
+            self._disarm_with_warning("logits_shape", "the unembedding's output is not (B, T, V) over the batch "
+                                      "(logits_to_keep?) — heads skip this batch")
+            return None
+        self._final = z.detach().reshape(-1, z.shape[-1]).index_select(0, sel)
+        return None
+
+    def _disarm_with_warning(self, key: str, message: str) -> None:
+        self._armed = False
+        self._captures = {}
+        self._final = None
+        self._warn_once(key, f"ExitHeads: {message}")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or self.save_dir is None:
+            return
+        # heads saved in on_train_end must exist before an EarlyExitProbe's on_train_end uploads them: run first
+        from .probe import EarlyExitProbe
+
+        callbacks = list(trainer.callbacks)
+        probes = [i for i, cb in enumerate(callbacks) if isinstance(cb, EarlyExitProbe)]
+        mine = next((i for i, cb in enumerate(callbacks) if cb is self), None)
+        if probes and mine is not None and probes[0] < mine:
+            callbacks.pop(mine)
+            callbacks.insert(probes[0], self)
+            trainer.callbacks = callbacks
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        lm = find_language_model(pl_module, self.model_attr)
+        total = None
+        try:
+            total = int(trainer.estimated_stepping_batches)
+        except Exception:
+            total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        if total is not None and not (0 < total < 2**62):
+            total = None
+        self.build(lm, device=pl_module.device, total_steps=total)
+        self._register_hooks()
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        if self.heads is None or trainer.sanity_checking:
+            return
+        self._captures, self._final, self._selection = {}, None, None
+        self._batch_info = _batch_tokens(batch)
+        self._sample_key = (int(trainer.global_step), int(batch_idx))
+        self._step_at_start = int(trainer.global_step)
+        self._armed = True
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.heads is None or trainer.sanity_checking:
+            return
+        self._armed = False
+        complete = self._final is not None and all(layer in self._captures for layer in self._needed)
+        if complete:
+            self._accumulate(self._captures, self._final, self._selection)
+        elif self._captures or self._final is not None:
+            self._warn_once("incomplete", "ExitHeads: a training forward did not run every headed block and the "
+                                          "unembedding; that micro-batch is skipped")
+        self._captures, self._final, self._selection = {}, None, None
+        if int(trainer.global_step) != self._step_at_start:  # the model's optimizer stepped
+            self._step(trainer)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_hooks()
+        self._armed = False
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.save_dir is None or self.heads is None:
+            return
+        if trainer.is_global_zero:
+            self.save(self.save_dir)
+        from .probe import EarlyExitProbe
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, EarlyExitProbe):
+                cb.heads_dir = str(self.save_dir)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+        self._armed = False
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_hooks()
+        self._armed = False
+
+    # ------------------------------------------------------------------ training the heads
+    def _targets(self, captures: dict, final_logits: torch.Tensor) -> HeadTargets:
+        final = self._parts.transform_logits(final_logits.float())
+        labels = None
+        info = self._batch_info
+        if info is not None and self._selection is not None:
+            labels = info[1].reshape(-1).to(self._selection.device).index_select(0, self._selection)
+        lens_agree = None
+        if "confidence" in self.heads:
+            shared = self.heads["confidence"].shared
+            top_final = final.argmax(dim=-1)
+            lens_agree = {}
+            with torch.no_grad():
+                for layer in self.heads["confidence"].layers:
+                    lens_agree[layer] = shared(captures[layer].float()).argmax(dim=-1) == top_final
+        return HeadTargets(final_logp=F.log_softmax(final, dim=-1), labels=labels, lens_agree=lens_agree)
+
+    def _accumulate(self, captures: dict, final_logits: torch.Tensor, selection) -> None:
+        """Add one micro-batch's head gradients (each layer's loss backward on its own, bounding memory by N × V)."""
+        if final_logits.shape[0] == 0:
+            return
+        with torch.enable_grad():
+            targets = self._targets(captures, final_logits)
+            for kind, head in self.heads.items():
+                total = 0.0
+                for layer in head.layers:
+                    loss = head.loss(captures[layer].float(), layer, targets)
+                    loss.backward()
+                    total = total + loss.detach()
+                self._loss_sums[kind] = self._loss_sums.get(kind, 0.0) + total / max(1, len(head.layers))
+                self._loss_counts[kind] = self._loss_counts.get(kind, 0) + 1
+        self._micro_batches += 1
+
+    def _step(self, trainer: Trainer) -> None:
+        params = [p for p in self.heads.parameters()]
+        if self._micro_batches > 0 or int(trainer.world_size) > 1:
+            world = int(trainer.world_size)
+            scale = 1.0 / max(1, self._micro_batches)
+            if world > 1:  # every rank joins the same all-reduce, even one that skipped its micro-batches
+                flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) * scale
+                                  for p in params])
+                counted = torch.tensor([1.0 if self._micro_batches > 0 else 0.0], device=flat.device)
+                packed = trainer.strategy.reduce(torch.cat([flat, counted.to(flat.dtype)]), reduce_op="sum")
+                n_ranks = float(packed[-1])
+                offset = 0
+                for p in params:
+                    n = p.numel()
+                    if n_ranks > 0:
+                        p.grad = (packed[offset : offset + n] / n_ranks).reshape(p.shape).to(p.dtype)
+                    offset += n
+                do_step = n_ranks > 0
+            else:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+                do_step = True
+            if do_step:
+                if self.grad_clip is not None:
+                    for head in self.heads.values():
+                        torch.nn.utils.clip_grad_norm_(head.parameters(), self.grad_clip)
+                self._optimizer.step()
+                if self._scheduler is not None:
+                    self._scheduler.step()
+                self.head_steps += 1
+        self._optimizer.zero_grad(set_to_none=True)
+        self._micro_batches = 0
+        step = int(trainer.global_step)
+        if self._loss_counts and step % self.log_every_n_steps == 0 and trainer.is_global_zero and trainer.loggers:
+            metrics = {f"ee/heads_train/{kind}/loss": float(self._loss_sums[kind]) / self._loss_counts[kind]
+                       for kind in self._loss_counts}
+            metrics["ee/heads_train/lr"] = float(self._optimizer.param_groups[0]["lr"])
+            for name, err in log_to_loggers(trainer.loggers, metrics, step=step):
+                self._warn_once(f"logger:{name}", f"ExitHeads: logging to {name} failed ({err}); continuing")
+        self._loss_sums, self._loss_counts = {}, {}
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, directory: Union[str, Path]) -> Path:
+        """Write the heads (config JSON, safetensors weights, fingerprint of the model's norm and unembedding)."""
+        if self.heads is None or self._parts is None:
+            raise RuntimeError("ExitHeads.save: the heads are not built yet (they are built at fit start)")
+        return save_exit_heads(directory, dict(self.heads.items()), self._parts,
+                               extra={"trained": {"head_steps": self.head_steps, "objective": self.objective,
+                                                  "max_tokens": self.max_tokens, "lr": self.lr}})
+
+
+def _batch_tokens(batch) -> Optional[tuple]:
+    """(input_ids (B, T), next-token labels (B, T), valid (B, T) bool) of a training batch, or None if not found.
+
+    Position t is valid when token t+1 exists, is not padding and is not ignored (−100); labels are shifted by one.
+    """
+    ids = mask = labels = None
+    if isinstance(batch, torch.Tensor):
+        ids = batch
+    elif isinstance(batch, dict) or hasattr(batch, "keys"):
+        ids, mask, labels = batch.get("input_ids"), batch.get("attention_mask"), batch.get("labels")
+    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        ids = batch[0]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        return None
+    ids = ids.detach().cpu()
+    target = labels.detach().cpu() if isinstance(labels, torch.Tensor) and labels.shape == ids.shape else ids
+    target = torch.roll(target, shifts=-1, dims=1)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[:, -1] = False
+    if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+        m = mask.detach().cpu().bool()
+        valid &= m & torch.roll(m, shifts=-1, dims=1)
+    valid &= target != -100
+    return ids, target.clamp_min(0), valid
