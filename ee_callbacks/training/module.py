@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from ee_callbacks.exit_loss import EarlyExitAwareLM
 from ee_callbacks.training.config import plain_dict
 from ee_callbacks.training.zoo import build_model
 
@@ -61,7 +62,7 @@ def lr_lambda(step: int, total_steps: int, warmup_steps: int, schedule: str, min
     raise ValueError(f"optim.scheduler must be 'constant', 'cosine' or 'linear', got {schedule!r}")
 
 
-class LMModule(pl.LightningModule):
+class LMModule(EarlyExitAwareLM, pl.LightningModule):
     """Causal-LM training of a zoo model (``ee_callbacks.training.zoo.build_model``).
 
     Args:
@@ -70,14 +71,19 @@ class LMModule(pl.LightningModule):
         optim: AdamW + schedule settings (see :data:`DEFAULT_OPTIM`); weight decay applies to matrices only.
         init_seed: seed of the initial weights (drawn without touching the global RNG).
         run_config: the whole resolved run config, stored in the checkpoint so tools can rebuild data and tokenizer.
+        early_exit: opt-in early-exit-aware training (changes training on purpose): keyword arguments of
+            ``EarlyExitAwareLM.configure_early_exit`` — ``EarlyExitLoss`` settings (``weights``, ``scale``,
+            ``curriculum``, ...) plus ``layer_dropout`` (p_max) and ``dropout_curve``. None: plain pretraining.
     """
 
     def __init__(self, model: Mapping[str, Any], vocab_size: int, optim: Mapping[str, Any] | None = None,
-                 init_seed: int | None = None, run_config: Mapping[str, Any] | None = None):
+                 init_seed: int | None = None, run_config: Mapping[str, Any] | None = None,
+                 early_exit: Mapping[str, Any] | None = None):
         super().__init__()
         self.save_hyperparameters({"model": plain_dict(model), "vocab_size": int(vocab_size),
                                    "optim": {**DEFAULT_OPTIM, **plain_dict(optim)}, "init_seed": init_seed,
-                                   "run_config": plain_dict(run_config) if run_config is not None else None})
+                                   "run_config": plain_dict(run_config) if run_config is not None else None,
+                                   "early_exit": plain_dict(early_exit) if early_exit else None})
         self.model: torch.nn.Module | None = None
         self.first_train_loss: float | None = None
         self._recent_train_losses: deque[torch.Tensor] = deque(maxlen=10)
@@ -95,6 +101,10 @@ class LMModule(pl.LightningModule):
         if self.model is not None:  # called again by load_from_checkpoint, trainer.validate, ...
             return
         self.model = build_model(self.hparams["model"], self.hparams["vocab_size"], seed=self.hparams["init_seed"])
+        early_exit = self.hparams.get("early_exit")
+        if early_exit:
+            self.configure_early_exit(**dict(early_exit))
+
 
     def _require_model(self) -> torch.nn.Module:
         if self.model is None:
@@ -114,8 +124,13 @@ class LMModule(pl.LightningModule):
         return loss, aux
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, aux = self._losses(batch)
-        total = loss
+        if self.early_exit_loss is not None or self.layer_dropout is not None:
+            out = self.early_exit_step(batch["input_ids"], batch.get("attention_mask"), micro_batch=batch_idx)
+            loss, aux, total = out.final_loss, None, out.loss
+            self.log("train/ee_loss", out.loss.detach(), on_step=True, on_epoch=False)
+        else:
+            loss, aux = self._losses(batch)
+            total = loss
         if aux is not None:
             total = loss + float(getattr(self.model.config, "router_aux_loss_coef", 0.0)) * aux
             self.log("train/aux_loss", aux.detach(), on_step=True, on_epoch=False)

@@ -83,7 +83,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(seed, workers=True)
 
     datamodule = LMDataModule(cfg.data, cfg.tokenizer, shuffle_seed=seed)
-    module = LMModule(cfg.model, datamodule.vocab_size, cfg.get("optim"), init_seed=seed, run_config=resolved)
+    module = LMModule(cfg.model, datamodule.vocab_size, cfg.get("optim"), init_seed=seed, run_config=resolved,
+                      early_exit=cfg.get("early_exit"))
 
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
     wandb_run_before = _current_wandb_run()
