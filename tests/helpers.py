@@ -66,3 +66,15 @@ def loaders(n=64, T=24, vocab=64, batch=8):
     train = DataLoader(TensorDataset(pattern_tokens(n, T, vocab, 0)), batch_size=batch, shuffle=True)
     val = DataLoader(TensorDataset(pattern_tokens(16, T, vocab, 1)), batch_size=batch)
     return train, val
+
+
+class SlowSteps(L.Callback):
+    """Sleep after each training step (lets a test kill a run at a chosen point); no other effect."""
+
+    def __init__(self, seconds: float = 0.2):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import time
+
+        time.sleep(self.seconds)

@@ -11,13 +11,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ee_callbacks.training.config import plain_dict
 from ee_callbacks.training.corpus import LMCorpus, build_corpus, load_text_documents, validation_blocks
 from ee_callbacks.training.tokenizers import Tokenizer, build_tokenizer
 
-__all__ = ["BlockDataset", "LMDataModule", "validation_blocks"]
+__all__ = ["BlockDataset", "EpochBatchSampler", "LMDataModule", "validation_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,35 @@ class BlockDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.blocks[index]}
+
+
+class EpochBatchSampler(Sampler):
+    """Shuffled batches whose order depends only on ``(seed, epoch)``, and which can start part-way into an epoch.
+
+    Epoch ``e`` visits ``randperm(n)`` drawn from a generator seeded with ``seed * 1_000_003 + e``, cut into batches
+    (last partial batch dropped). A run resumed from a mid-epoch checkpoint passes ``skip_batches`` (the batches that
+    epoch had already consumed), so it sees exactly the batches an uninterrupted run would — which keeps resumed
+    training, and the probe records after a resume, equal to an uninterrupted run. Lightning calls ``set_epoch``.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, epoch: int = 0, skip_batches: int = 0):
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.epoch = int(epoch)
+        self._skip = {int(epoch): int(skip_batches)} if skip_batches else {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        # the full epoch: Lightning counts the restored batches of a resumed epoch itself
+        return self.n // self.batch_size
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=gen)
+        skip = self._skip.pop(self.epoch, 0)
+        for b in range(skip, self.n // self.batch_size):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
 
 
 class LMDataModule(pl.LightningDataModule):
@@ -93,9 +122,21 @@ class LMDataModule(pl.LightningDataModule):
         batch_size = int(self.data_cfg.get("batch_size", 16))
         if len(corpus.train_blocks) < batch_size:
             raise ValueError(f"only {len(corpus.train_blocks)} training blocks for data.batch_size={batch_size}")
-        return DataLoader(BlockDataset(corpus.train_blocks), batch_size=batch_size, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(self.shuffle_seed),
+        epoch, skip = self._resume_position()
+        sampler = EpochBatchSampler(len(corpus.train_blocks), batch_size, self.shuffle_seed, epoch, skip)
+        return DataLoader(BlockDataset(corpus.train_blocks), batch_sampler=sampler,
                           num_workers=int(self.data_cfg.get("num_workers", 0)))
+
+    def _resume_position(self) -> tuple[int, int]:
+        """(epoch, batches already consumed in it) when Lightning restores a mid-epoch checkpoint, else (0, 0)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 0
+        loop = trainer.fit_loop
+        if not getattr(loop, "restarting", False):
+            return int(trainer.current_epoch), 0
+        done = int(loop.epoch_loop.batch_progress.current.ready)
+        return int(trainer.current_epoch), done
 
     def val_dataloader(self) -> DataLoader:
         corpus = self._require_corpus()
