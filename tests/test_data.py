@@ -190,3 +190,17 @@ def test_data_module_batches_and_deterministic_validation():
     assert torch.equal(order_a, order_b)
     assert module.hparams["data"]["seq_len"] == 32
     assert os.path.basename(str(C.fortunes_dir())) == "fortune"
+
+
+def test_epoch_batch_sampler_shards_ranks_and_resumes():
+    from ee_callbacks.training.data import EpochBatchSampler
+
+    full = list(EpochBatchSampler(50, 4, seed=3))
+    assert len(full) == 12 and len({i for b in full for i in b}) == 48  # drop_last, no index twice
+    ranks = [list(EpochBatchSampler(50, 4, seed=3, rank=r, world_size=2)) for r in range(2)]
+    assert ranks[0] == full[0::2] and ranks[1] == full[1::2]  # disjoint shards of the same global order
+    resumed = EpochBatchSampler(50, 4, seed=3, skip_batches=5)
+    assert list(resumed) == full[5:]  # the resumed epoch continues where it stopped
+    resumed.set_epoch(1)
+    assert list(resumed) == list(EpochBatchSampler(50, 4, seed=3, epoch=1))  # later epochs are whole
+    assert list(EpochBatchSampler(50, 4, seed=3, epoch=1)) != full

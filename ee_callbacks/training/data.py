@@ -36,16 +36,21 @@ class BlockDataset(Dataset):
 
 
 class EpochBatchSampler(Sampler):
-    """Shuffled batches whose order depends only on ``(seed, epoch)``, and which can start part-way into an epoch.
+    """Shuffled batches whose order depends only on ``(seed, epoch)``, sharded over ranks, resumable mid-epoch.
 
-    Epoch ``e`` visits ``randperm(n)`` drawn from a generator seeded with ``seed * 1_000_003 + e``, cut into batches
-    (last partial batch dropped). A run resumed from a mid-epoch checkpoint passes ``skip_batches`` (the batches that
-    epoch had already consumed), so it sees exactly the batches an uninterrupted run would — which keeps resumed
-    training, and the probe records after a resume, equal to an uninterrupted run. Lightning calls ``set_epoch``.
+    Epoch ``e`` visits ``randperm(n)`` drawn from a generator seeded with ``seed * 1_000_003 + e``, cut into global
+    batches (last partial batch dropped); under data parallelism rank ``r`` of ``W`` takes global batches
+    ``b ≡ r (mod W)`` among the first ``⌊B/W⌋·W`` (every rank the same count). A run resumed from a mid-epoch
+    checkpoint passes ``skip_batches`` (the batches this rank had consumed in that epoch), so it sees exactly the
+    batches an uninterrupted run would — which keeps resumed training, and the probe records after a resume, equal
+    to an uninterrupted run. Lightning calls ``set_epoch``; the Trainer must not inject its own distributed sampler
+    (``train`` passes ``use_distributed_sampler=False``).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, epoch: int = 0, skip_batches: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int = 0, epoch: int = 0, skip_batches: int = 0,
+                 rank: int = 0, world_size: int = 1):
         self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.rank, self.world_size = int(rank), max(1, int(world_size))
         self.epoch = int(epoch)
         self._skip = {int(epoch): int(skip_batches)} if skip_batches else {}
 
@@ -53,14 +58,15 @@ class EpochBatchSampler(Sampler):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        # the full epoch: Lightning counts the restored batches of a resumed epoch itself
-        return self.n // self.batch_size
+        # the full epoch of this rank: Lightning counts the restored batches of a resumed epoch itself
+        return (self.n // self.batch_size) // self.world_size
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=gen)
         skip = self._skip.pop(self.epoch, 0)
-        for b in range(skip, self.n // self.batch_size):
+        mine = range(self.rank, len(self) * self.world_size, self.world_size)
+        for b in list(mine)[skip:]:
             yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
 
 
@@ -123,7 +129,9 @@ class LMDataModule(pl.LightningDataModule):
         if len(corpus.train_blocks) < batch_size:
             raise ValueError(f"only {len(corpus.train_blocks)} training blocks for data.batch_size={batch_size}")
         epoch, skip = self._resume_position()
-        sampler = EpochBatchSampler(len(corpus.train_blocks), batch_size, self.shuffle_seed, epoch, skip)
+        trainer = getattr(self, "trainer", None)
+        rank, world = (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
+        sampler = EpochBatchSampler(len(corpus.train_blocks), batch_size, self.shuffle_seed, epoch, skip, rank, world)
         return DataLoader(BlockDataset(corpus.train_blocks), batch_sampler=sampler,
                           num_workers=int(self.data_cfg.get("num_workers", 0)))
 

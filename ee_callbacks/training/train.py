@@ -8,6 +8,7 @@ config) and whatever the callbacks write (e.g. ``ee_probes.jsonl``).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -65,7 +66,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Returns:
         ``{"run_dir", "first_train_loss" (step 0), "final_train_loss" (mean of the last 10 steps), "val_loss" (at the
-        last step), "global_step", "checkpoints" (sorted paths), "model_name", "model_family", "vocab_size"}``.
+        last step), "global_step", "checkpoints" (sorted paths), "model_name", "model_family", "vocab_size",
+        "probe" (the ``summary`` of the last probe record in ``ee_probes.jsonl``: probe set ``default`` if present,
+        else the last set; None without the probe callback and on ranks other than 0), "probe_step" (its step)}``.
+        :func:`objective_value` turns this into the number a sweeper optimises.
     """
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -92,8 +96,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     failed = True
     try:
         loggers = instantiate_group(cfg.get("logger"), "logger")
-        trainer = pl.Trainer(**trainer_kwargs(cfg.trainer), callbacks=callbacks, logger=loggers or False,
-                             default_root_dir=str(run_dir))
+        kwargs = trainer_kwargs(cfg.trainer)
+        # LMDataModule's batch sampler shards itself over ranks (and resumes mid-epoch): no injected sampler
+        kwargs["use_distributed_sampler"] = False
+        trainer = pl.Trainer(**kwargs, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir))
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         if cfg.get("validate_at_end", True) and module.last_validated_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -108,6 +114,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for callback in callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             checkpoints += [str(p) for p in sorted(Path(callback.dirpath).glob("*.ckpt"))]
+    probe_summary, probe_step = last_probe_summary(callbacks, trainer)
     return {
         "run_dir": str(run_dir),
         "first_train_loss": module.first_train_loss,
@@ -118,7 +125,136 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "model_name": module.model_name,
         "model_family": module.model_family,
         "vocab_size": datamodule.vocab_size,
+        "probe": probe_summary,
+        "probe_step": probe_step,
     }
+
+
+def last_probe_summary(callbacks: list[Any], trainer: Any = None) -> tuple[dict | None, int | None]:
+    """``(summary, step)`` of the last training record the run's ``EarlyExitProbe`` wrote (probe set ``default`` if
+    present, else the last set), read back from its ``ee_probes.jsonl``; ``(None, None)`` without the callback, on
+    ranks other than global rank zero (only rank zero writes the file), or when no record was written."""
+    from ee_callbacks.callbacks.probe import EarlyExitProbe
+    from ee_callbacks.records import read_records
+
+    if trainer is not None and not getattr(trainer, "is_global_zero", True):
+        return None, None
+    for callback in callbacks:
+        if not isinstance(callback, EarlyExitProbe):
+            continue
+        path = getattr(callback, "_path", None) or callback.output_path
+        if path is None or not Path(path).is_file():
+            continue
+        records = [r for r in read_records(path) if r.get("source", "train") == "train"]
+        chosen = [r for r in records if r.get("set") == "default"] or records
+        if chosen:
+            return dict(chosen[-1].get("summary") or {}), int(chosen[-1].get("step", -1))
+    return None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The sweep objective: what train.py returns to a Hydra sweeper (e.g. Optuna), configured by ``cfg.objective``.
+
+#: objectives computed from the training summary itself; any other name is read from the probe summary
+#: (``ee/summary/<name>``, e.g. ``eas``, ``oracle_skip_strict``, ``static_skip_5pct``, ``spec_speedup_est``)
+TRAINING_OBJECTIVES = ("val_loss", "train_loss")
+COMPOUND_OBJECTIVES = ("eas_at_loss_bound", "val_loss_at_skip_floor")
+#: the direction each known objective is optimised in (a sweeper set the other way gets a warning)
+OBJECTIVE_DIRECTIONS = {
+    "val_loss": "minimize", "train_loss": "minimize", "val_loss_at_skip_floor": "minimize", "final_ce": "minimize",
+    "eas": "maximize", "eas_at_loss_bound": "maximize", "oracle_skip_strict": "maximize",
+    "oracle_skip_lenient": "maximize", "static_skip_5pct": "maximize", "spec_speedup_est": "maximize",
+    "final_acc": "maximize",
+}
+
+
+def objective_spec(objective: Any) -> dict[str, Any]:
+    """The objective config as a dict ``{name, loss_bound, skip_floor, penalty}`` (a bare string is the name),
+    checked: a clear error for a missing bound or a bad penalty."""
+    if objective is None:
+        objective = "val_loss"
+    if isinstance(objective, str):
+        spec: dict[str, Any] = {"name": objective}
+    else:
+        spec = dict(OmegaConf.to_container(objective, resolve=True) if isinstance(objective, DictConfig)
+                    else objective)
+    unknown = set(spec) - {"name", "loss_bound", "skip_floor", "penalty"}
+    if unknown:
+        raise ValueError(f"objective has unknown keys {sorted(unknown)}; allowed: name, loss_bound, skip_floor, "
+                         "penalty")
+    spec.setdefault("name", "val_loss")
+    spec.setdefault("loss_bound", None)
+    spec.setdefault("skip_floor", None)
+    spec.setdefault("penalty", 10.0)
+    name = spec["name"]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"objective.name must be a string such as val_loss, eas, oracle_skip_strict, "
+                         f"eas_at_loss_bound or val_loss_at_skip_floor; got {name!r}")
+    if name == "eas_at_loss_bound" and spec["loss_bound"] is None:
+        raise ValueError("objective eas_at_loss_bound needs objective.loss_bound (nats), e.g. objective.loss_bound=3.5")
+    if name == "val_loss_at_skip_floor" and spec["skip_floor"] is None:
+        raise ValueError("objective val_loss_at_skip_floor needs objective.skip_floor in [0, 1], "
+                         "e.g. objective.skip_floor=0.3")
+    if float(spec["penalty"]) < 0:
+        raise ValueError(f"objective.penalty must be >= 0, got {spec['penalty']}")
+    return spec
+
+
+def objective_needs_probe(objective: Any) -> bool:
+    """Whether the objective reads the probe summary (and so needs the ``ee_probe`` callback)."""
+    return objective_spec(objective)["name"] not in TRAINING_OBJECTIVES
+
+
+def objective_value(summary: dict[str, Any], objective: Any = "val_loss") -> float:
+    """The number a sweeper optimises, from ``train(cfg)``'s summary and the ``objective`` config.
+
+    - ``val_loss`` (minimise; the default), ``train_loss`` (minimise: mean of the last 10 steps);
+    - a probe summary figure by name (``eas``, ``oracle_skip_strict``, ``oracle_skip_lenient``, ``static_skip_5pct``,
+      ``spec_speedup_est``, ``final_ce``, ...): its value at the last probe (the end of training);
+    - ``eas_at_loss_bound`` (maximise): ``eas − penalty · max(0, val_loss − loss_bound)`` — the final EAS, with
+      every nat of validation loss above the bound costing ``penalty`` (default 10: 0.1 nat over the bound costs a
+      whole unit of EAS, whose range is [0, 1]);
+    - ``val_loss_at_skip_floor`` (minimise): ``val_loss + penalty · max(0, skip_floor − oracle_skip_strict)`` — the
+      validation loss, with every unit of strict oracle skip below the floor costing ``penalty`` nats.
+
+    A figure that is missing or non-finite (e.g. NaN loss) gives ``nan``, which Optuna records as a failed trial.
+    """
+    spec = objective_spec(objective)
+    name = spec["name"]
+    probe = summary.get("probe")
+    if name not in TRAINING_OBJECTIVES and probe is None:
+        raise ValueError(f"objective {name!r} reads the probe summary, but the run has no probe record: keep the "
+                         "ee_probe callback (callbacks=default) or use objective.name=val_loss")
+
+    def number(value: Any) -> float:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return float("nan")
+        return value if math.isfinite(value) else float("nan")
+
+    def from_probe(key: str) -> float:
+        if key not in probe:
+            raise ValueError(f"objective {key!r} is not in the probe summary; available: {sorted(probe)}")
+        return number(probe[key])
+
+    if name == "val_loss":
+        return number(summary.get("val_loss"))
+    if name == "train_loss":
+        return number(summary.get("final_train_loss"))
+    penalty = float(spec["penalty"])
+    # (a NaN input must give NaN: max(0.0, nan) would silently be 0.0)
+    if name == "eas_at_loss_bound":
+        eas, val_loss = from_probe("eas"), number(summary.get("val_loss"))
+        if math.isnan(eas) or math.isnan(val_loss):
+            return float("nan")
+        return eas - penalty * max(0.0, val_loss - float(spec["loss_bound"]))
+    if name == "val_loss_at_skip_floor":
+        skip, val_loss = from_probe("oracle_skip_strict"), number(summary.get("val_loss"))
+        if math.isnan(skip) or math.isnan(val_loss):
+            return float("nan")
+        return val_loss + penalty * max(0.0, float(spec["skip_floor"]) - skip)
+    return from_probe(name)
 
 
 def _current_wandb_run() -> Any:
