@@ -315,6 +315,8 @@ class EarlyExitProbe(Callback):
                 )
                 self._drift_state[name] = record.state
                 record.run = {**_run_info(trainer), **self.run_info}
+                if self.run_info.get("name"):  # the run's own model name (e.g. llama_tiny), not the HF model type
+                    record.model["name"] = str(self.run_info["name"])
                 if trainer.is_global_zero:
                     self._emit(trainer, name, record, time.perf_counter() - t0)
         self.last_probe_step = step
@@ -355,11 +357,14 @@ class EarlyExitProbe(Callback):
         if summary.get("oracle_skip_strict") is not None:
             msg += f", oracle skip {summary['oracle_skip_strict']:.3f}"
         msg += f" ({seconds:.2f}s)"
-        log.info(msg)
         bar = getattr(trainer, "progress_bar_callback", None)
-        if bar is not None and hasattr(bar, "print") and trainer.is_global_zero:
-            with contextlib.suppress(Exception):
+        if bar is not None and hasattr(bar, "print") and getattr(bar, "is_enabled", False):
+            try:  # above the training progress bar, without breaking it
                 bar.print(msg)
+                return
+            except Exception:
+                pass
+        log.info(msg)
 
     def _drop_records_after_resume(self) -> None:
         """A run killed after its last checkpoint left records the resumed run will recompute: drop them, so the file
