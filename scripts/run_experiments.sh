@@ -11,5 +11,5 @@ for exp in arch_compare size_scan ee_aware; do
   start=$(date +%s)
   .venv/bin/python train.py -m experiment=$exp hydra.sweep.dir=$OUT/$exp "${extra[@]}"
   echo "$exp: $(( $(date +%s) - start )) s" | tee -a $OUT/timings.txt
-  .venv/bin/ee-report $OUT/$exp/* --out $OUT/$exp/report --quiet || true
+  .venv/bin/ee-report $OUT/$exp/[0-9]*/ --out $OUT/$exp/report --quiet || true
 done
