@@ -50,6 +50,7 @@ class Checkpoint:
     series: str = ""
     probe_source: Optional[Callable[[], torch.Tensor]] = None
     probe_defaults: dict = field(default_factory=dict)
+    name: Optional[str] = None  # the model's name in records and reports
 
 
 def _step_from_name(name: str) -> int:
@@ -169,18 +170,18 @@ def discover(sources: list, revisions: Optional[list] = None) -> list:
             run_cfg = _run_config(path.parent.parent) or _run_config(path.parent)
             found.append(_lightning_entry(path, run_cfg, series=str(path.parent)))
         elif path.is_file() and path.suffix == ".gguf":
-            found.append(Checkpoint(key=str(path.resolve()), step=0, series=str(path),
+            found.append(Checkpoint(key=str(path.resolve()), step=0, series=str(path), name=path.stem,
                                     load=lambda p=path: load_gguf(p)))
         elif path.is_dir() and (path / "config.json").exists():
             found.append(Checkpoint(key=str(path.resolve()), step=_hf_dir_step(path), series=str(path.parent),
-                                    load=lambda p=path: _hf_load(str(p))))
+                                    name=path.name, load=lambda p=path: _hf_load(str(p))))
         elif path.is_dir():
             subs = sorted((p for p in path.iterdir() if (p / "config.json").exists()), key=lambda p: _hf_dir_step(p))
             if not subs:
                 raise FileNotFoundError(f"{path}: no checkpoints/*.ckpt, config.json or model sub-directories found")
             for sub in subs:
                 found.append(Checkpoint(key=str(sub.resolve()), step=_hf_dir_step(sub), series=str(path),
-                                        load=lambda p=sub: _hf_load(str(p))))
+                                        name=path.name, load=lambda p=sub: _hf_load(str(p))))
         elif not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
             if _hub_offline():
                 raise RuntimeError(
@@ -190,7 +191,8 @@ def discover(sources: list, revisions: Optional[list] = None) -> list:
             revs = revisions or ["main"]
             for rev in revs:
                 found.append(Checkpoint(key=f"{source}@{rev}", step=_step_from_name(rev) if rev != "main" else 0,
-                                        series=str(source), load=lambda s=str(source), r=rev: _hf_load(s, r)))
+                                        series=str(source), name=str(source),
+                                        load=lambda s=str(source), r=rev: _hf_load(s, r)))
         else:
             raise FileNotFoundError(
                 f"{source}: not a run directory, .ckpt, GGUF file, Hugging Face model directory or hub id"
@@ -225,8 +227,9 @@ def _lightning_entry(ck: Path, run_cfg: Optional[dict], series: str) -> Checkpoi
         defaults = {k: ee[k] for k in ("probe_sequences", "seq_len", "seed", "batch_size") if ee.get(k) is not None}
         if ee.get("config"):
             defaults["config"] = ee["config"]
+    name = ((run_cfg or {}).get("model") or {}).get("name")
     return Checkpoint(key=str(ck.resolve()), step=step, load=load, series=series, probe_source=probe_src,
-                      probe_defaults=defaults)
+                      probe_defaults=defaults, name=name)
 
 
 def _ckpt_global_step(path: Path) -> int:
@@ -338,6 +341,8 @@ def analyze(
                 readouts=readouts, previous=previous.get(entry.series),
             )
             previous[entry.series] = record.state
+            if entry.name:
+                record.model["name"] = entry.name
             record.run = {"name": record.model.get("name"), "experiment": Path(entry.series).name}
             data = append_record(jsonl, record)
             from .sinks.loggers import flatten_record_metrics, log_to_loggers
