@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -125,7 +125,8 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.Module]:
         if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod) > 0 and name
     ]
     # keep only lists whose every element holds parameters
-    lists = [(n, m) for n, m in lists if all(_n_params(b) > 0 for b in m)]
+    # (registered parameters, not their size: under FSDP a rank's shard of a block may be empty)
+    lists = [(n, m) for n, m in lists if all(next(b.parameters(), None) is not None for b in m)]
     # drop lists nested inside another candidate list (MoE experts, per-layer sub-lists)
     top = [(n, m) for n, m in lists if not any(n != o and n.startswith(o + ".") for o, _ in lists)]
     if not top:

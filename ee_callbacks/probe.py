@@ -33,7 +33,7 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -624,6 +624,8 @@ def run_probe(
     previous=None,
     reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     shard: tuple = (0, 1),
+    forward_module=None,
+    readout_context: Optional[Callable[[], "contextlib.AbstractContextManager"]] = None,
 ) -> ProbeRecord:
     """Probe every layer of ``model`` on ``batches`` and return one :class:`ProbeRecord`.
 
@@ -641,6 +643,12 @@ def run_probe(
         shard: ``(rank, world_size)``: this process probes batches ``i`` with ``i % world_size == rank`` (pass
             ``reduce`` too); CKA minibatches and the ``max_tokens`` cap follow global batch indices, so the record
             equals the single-process one.
+        forward_module: what the forward passes call instead of ``model`` (under FSDP: the wrapped root, see
+            :func:`ee_callbacks.distributed.probe_forward_target`); ``model`` when None.
+        readout_context: a zero-argument callable returning a context manager inside which the unembedding, final
+            norm and input embedding hold full parameters (FSDP: :func:`ee_callbacks.distributed.
+            readout_context_factory`). Entered around every parameter read outside the forward; never around a
+            forward. With it, every rank must run the same batches (``shard=(0, 1)``).
 
     Summary scalars (``record.summary``):
 
@@ -668,13 +676,15 @@ def run_probe(
     L = parts.n_layers
     fams = set(cfg.metrics)
     has_head = parts.has_lm_head
+    ctx = readout_context or contextlib.nullcontext
     vocab = None
-    if has_head and hasattr(parts.unembed, "weight"):
-        vocab = int(parts.unembed.weight.shape[0])
-    elif has_head and getattr(getattr(model_u, "config", None), "vocab_size", None):
-        vocab = int(model_u.config.vocab_size)
-    emb = model_u.get_input_embeddings() if hasattr(model_u, "get_input_embeddings") else None
-    input_vocab = int(emb.weight.shape[0]) if emb is not None and hasattr(emb, "weight") else vocab
+    with ctx():  # under FSDP the weights are shards outside it
+        if has_head and hasattr(parts.unembed, "weight"):
+            vocab = int(parts.unembed.weight.shape[0])
+        elif has_head and getattr(getattr(model_u, "config", None), "vocab_size", None):
+            vocab = int(model_u.config.vocab_size)
+        emb = model_u.get_input_embeddings() if hasattr(model_u, "get_input_embeddings") else None
+        input_vocab = int(emb.weight.shape[0]) if emb is not None and hasattr(emb, "weight") else vocab
     batches = prepare_batches(batches, input_vocab)
     if cfg.max_tokens is not None:  # a global cap, applied in batch order before any sharding
         room = int(cfg.max_tokens)
@@ -718,8 +728,9 @@ def run_probe(
     batches_without_h0 = 0
 
     # affine logit lens (plain nn.Linear unembedding): centred logits out of the matmul, model-space dot products
-    lens = _LinearLens.of(parts, rdtype, L, cfg.chunk_tokens) if has_head and not want_js else None
-    keep_vocab = lens is None or not lens.dspace or bool(readouts) or want_js
+    with ctx():
+        lens = _LinearLens.of(parts, rdtype, L, cfg.chunk_tokens) if has_head and not want_js else None
+        keep_vocab = lens is None or not lens.dspace or bool(readouts) or want_js
     ws = _Workspace()
 
     with _isolated(model_u):
@@ -747,7 +758,7 @@ def run_probe(
                 ids_d = ids.to(device)
                 mask_d = mask.to(device) if mask is not None else None
                 with HiddenStateCapture(parts) as cap:
-                    logits = model_forward(model_u, ids_d, mask_d)
+                    logits = model_forward(model_u if forward_module is None else forward_module, ids_d, mask_d)
                 cap.check()
                 t_forward += time.perf_counter() - t0
                 states = cap.states
@@ -805,57 +816,60 @@ def run_probe(
                 if not has_head:
                     sums.add(("count",), torch.tensor(float(n)))
                     continue
-                # ---- readouts, chunked over tokens
-                sdtype = torch.float32 if rdtype in (torch.bfloat16, torch.float16) else rdtype
-                for c0 in range(0, n, cfg.chunk_tokens):
-                    c1 = min(n, c0 + cfg.chunk_tokens)
-                    zf = z_final_all[c0:c1].to(rdtype)
-                    if zf.dtype != sdtype:
-                        zf = zf.float()
-                    if c0 == 0 and c1 == n:
-                        z_final_all = None  # the only chunk: its logits die with the final statistics
-                    yc = y[c0:c1]
-                    nc, V = zf.shape
-                    final = _FinalChunk(zf, yc, ws=ws, lens=lens, keep_vocab=keep_vocab, want_js=want_js)
-                    zf = None
-                    bad = ~torch.isfinite(final.lse)
-                    nonfinite_tokens += int(bad.sum())
-                    chunk_top1 = torch.zeros(L + 1, nc, dtype=torch.long, device=device)
-                    conf = {k: torch.zeros(L + 1, nc, dtype=torch.float32, device=device) for k in token_conf}
-                    for layer in range(first, L + 1):
-                        if layer == L:
-                            st = final.stats
-                        else:
-                            h = flat_states[layer][c0:c1].to(rdtype)
-                            P = ws.get("p", nc, V, sdtype, device)
-                            if lens is not None:
-                                zc, mu, nh = lens.centred_logits(h, ws.get("z", nc, V, sdtype, device))
-                                dots = lens.dots(nh, final) if lens.dspace else None
-                                st = _centred_stats(zc, mu, final, P, dots, want_js)
-                                del zc, nh
+                # ---- readouts, chunked over tokens (full unembedding / final norm under FSDP)
+                with ctx():
+                    if readout_context is not None:  # the gathered weights live only inside ctx()
+                        lens = _LinearLens.of(parts, rdtype, L, cfg.chunk_tokens) if has_head and not want_js else None
+                    sdtype = torch.float32 if rdtype in (torch.bfloat16, torch.float16) else rdtype
+                    for c0 in range(0, n, cfg.chunk_tokens):
+                        c1 = min(n, c0 + cfg.chunk_tokens)
+                        zf = z_final_all[c0:c1].to(rdtype)
+                        if zf.dtype != sdtype:
+                            zf = zf.float()
+                        if c0 == 0 and c1 == n:
+                            z_final_all = None  # the only chunk: its logits die with the final statistics
+                        yc = y[c0:c1]
+                        nc, V = zf.shape
+                        final = _FinalChunk(zf, yc, ws=ws, lens=lens, keep_vocab=keep_vocab, want_js=want_js)
+                        zf = None
+                        bad = ~torch.isfinite(final.lse)
+                        nonfinite_tokens += int(bad.sum())
+                        chunk_top1 = torch.zeros(L + 1, nc, dtype=torch.long, device=device)
+                        conf = {k: torch.zeros(L + 1, nc, dtype=torch.float32, device=device) for k in token_conf}
+                        for layer in range(first, L + 1):
+                            if layer == L:
+                                st = final.stats
                             else:
-                                z = parts.readout(h)
-                                if z.dtype != sdtype:
-                                    z = z.to(sdtype)
-                                st = _lens_token_stats(z, final, want_js, owned=True, P=P)
-                                del z
-                        for key in _LENS_KEYS:
-                            sums.add(("lens", key, layer), st[key].sum(dtype=torch.float64))
-                        if want_js:
-                            sums.add(("lens", "js_sim", layer), st["js_sim"].sum(dtype=torch.float64))
-                        chunk_top1[layer] = st["top1"]
-                        conf["max_prob"][layer] = st["max_prob"].float()
-                        conf["margin"][layer] = st["margin"].float()
-                        conf["entropy"][layer] = (st["entropy"] / log_v).float()
-                    sums.add(("count",), torch.tensor(float(c1 - c0)))
-                    if need_tokens:
-                        token_top1.append(chunk_top1.cpu())
-                        for k in token_conf:
-                            token_conf[k].append(conf[k].cpu())
-                        token_targets.append(yc.cpu())
-                    for kind, head in readouts.items():
-                        _head_chunk(kind, head, flat_states, c0, c1, final, rdtype, sums, head_tokens[kind], ws)
-                    del final
+                                h = flat_states[layer][c0:c1].to(rdtype)
+                                P = ws.get("p", nc, V, sdtype, device)
+                                if lens is not None:
+                                    zc, mu, nh = lens.centred_logits(h, ws.get("z", nc, V, sdtype, device))
+                                    dots = lens.dots(nh, final) if lens.dspace else None
+                                    st = _centred_stats(zc, mu, final, P, dots, want_js)
+                                    del zc, nh
+                                else:
+                                    z = parts.readout(h)
+                                    if z.dtype != sdtype:
+                                        z = z.to(sdtype)
+                                    st = _lens_token_stats(z, final, want_js, owned=True, P=P)
+                                    del z
+                            for key in _LENS_KEYS:
+                                sums.add(("lens", key, layer), st[key].sum(dtype=torch.float64))
+                            if want_js:
+                                sums.add(("lens", "js_sim", layer), st["js_sim"].sum(dtype=torch.float64))
+                            chunk_top1[layer] = st["top1"]
+                            conf["max_prob"][layer] = st["max_prob"].float()
+                            conf["margin"][layer] = st["margin"].float()
+                            conf["entropy"][layer] = (st["entropy"] / log_v).float()
+                        sums.add(("count",), torch.tensor(float(c1 - c0)))
+                        if need_tokens:
+                            token_top1.append(chunk_top1.cpu())
+                            for k in token_conf:
+                                token_conf[k].append(conf[k].cpu())
+                            token_targets.append(yc.cpu())
+                        for kind, head in readouts.items():
+                            _head_chunk(kind, head, flat_states, c0, c1, final, rdtype, sums, head_tokens[kind], ws)
+                        del final
             if cka_feats:
                 feats = [torch.cat([f[k] for f in cka_feats], dim=0) for k in range(len(cka_feats[0]))]
                 n_cka = feats[0].shape[0]
@@ -962,10 +976,11 @@ def run_probe(
             cka_layers = list(range(0 if has_h0 else 1, L + 1))
 
     count = float(sums.get(("count",), torch.tensor(0.0)))
-    record = _finalize(
-        cfg, parts, model_u, sums, count, L, has_h0, has_head, exit_layers, readouts,
-        cka_sum, cka_layers, drift_cross, drift_prev_self, drift_cur_self,
-    )
+    with ctx():
+        record = _finalize(
+            cfg, parts, model_u, sums, count, L, has_h0, has_head, exit_layers, readouts,
+            cka_sum, cka_layers, drift_cross, drift_prev_self, drift_cur_self,
+        )
     record.step, record.epoch, record.source, record.checkpoint, record.set = int(step), int(epoch), source, checkpoint, set_name
     record.probe = {
         "tokens": int(count),

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from ..distributed import param_count, probe_forward_target, probe_shard, readout_context_factory, wrapped_root
 from ..model_parts import ModelPartsError, find_model_parts
 from ..probe import ProbeConfig, prepare_batches, run_probe
 from ..probe_data import draw_probe_set, preserved_rng
@@ -209,8 +210,10 @@ class EarlyExitProbe(Callback):
         self._parts = find_model_parts(self._lm, **self.part_paths)
         self._sets = self._resolve_sets(trainer, pl_module)
         # validate now (clear error at fit start, not at step 10,000)
-        emb = self._lm.get_input_embeddings() if hasattr(self._lm, "get_input_embeddings") else None
-        vocab = int(emb.weight.shape[0]) if emb is not None and hasattr(emb, "weight") else None
+        full = readout_context_factory(trainer, pl_module, self._lm, self._parts)  # None unless FSDP
+        with full() if full is not None else contextlib.nullcontext():
+            emb = self._lm.get_input_embeddings() if hasattr(self._lm, "get_input_embeddings") else None
+            vocab = int(emb.weight.shape[0]) if emb is not None and hasattr(emb, "weight") else None
         for name, batches in self._sets.items():
             try:
                 prepare_batches(batches, vocab)
@@ -290,9 +293,10 @@ class EarlyExitProbe(Callback):
         if not self._sets or self._parts is None:
             return
         step = int(trainer.global_step)
-        world = int(trainer.world_size)
-        rank = int(trainer.global_rank)
+        rank, world = probe_shard(trainer, pl_module)  # (0, 1) under FSDP: every rank probes the whole set
         reduce = _make_reduce(trainer) if world > 1 else None
+        target = probe_forward_target(trainer, pl_module, self._lm)
+        full = readout_context_factory(trainer, pl_module, self._lm, self._parts)  # None unless FSDP
         readouts = self._readouts(trainer)
         with preserved_rng():
             for name, batches in self._sets.items():
@@ -312,7 +316,11 @@ class EarlyExitProbe(Callback):
                     previous=self._drift_state.get(name),
                     reduce=reduce,
                     shard=(rank, world),
+                    forward_module=None if target is self._lm else target,
+                    readout_context=full,
                 )
+                if full is not None:
+                    record.model["params"] = param_count(self._lm, wrapped_root(trainer, pl_module))
                 self._drift_state[name] = record.state
                 record.run = {**_run_info(trainer), **self.run_info}
                 if self.run_info.get("name"):  # the run's own model name (e.g. llama_tiny), not the HF model type
