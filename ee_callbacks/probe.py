@@ -922,6 +922,14 @@ def run_probe(
             top1 = torch.zeros(K, 0, dtype=torch.long)
             targets = torch.zeros(0, dtype=torch.long)
             conf = {k: torch.zeros(K, 0) for k in token_conf}
+        # a token with a non-finite readout at any layer has no defined exit or saturation layer: leave it out
+        finite = torch.ones(top1.shape[1], dtype=torch.bool)
+        for values in conf.values():
+            finite &= torch.isfinite(values).all(dim=0)
+        if not bool(finite.all()):
+            top1, targets = top1[:, finite], targets[finite]
+            conf = {k: v[:, finite] for k, v in conf.items()}
+        sums.add(("sat", "n"), torch.tensor(float(finite.sum()), dtype=torch.float64))
         if "saturation" in fams:
             strict, lenient = sat_m.saturation_layers(top1, layers_ids)
             sums.add(("sat", "strict_sum"), strict.double().sum())
@@ -1136,15 +1144,16 @@ def _finalize(cfg, parts, model_u, sums, count, L, has_h0, has_head, exit_layers
                 summary[f"angular_min_{dist}"] = best["d"]
                 summary[f"angular_argmin_{dist}"] = best["start"]
     # saturation
-    if has_head and "saturation" in cfg.metrics and sums.get(("sat", "strict_sum")) is not None and count > 0:
-        summary["oracle_skip_strict"] = _num(1.0 - float(sums.get(("sat", "strict_sum"))) / count / L)
-        summary["oracle_skip_lenient"] = _num(1.0 - float(sums.get(("sat", "lenient_sum"))) / count / L)
-        summary["saturation_mean_strict"] = _num(float(sums.get(("sat", "strict_sum"))) / count)
+    n_sat = float(sums.get(("sat", "n"), torch.tensor(count)))  # tokens finite at every layer
+    if has_head and "saturation" in cfg.metrics and sums.get(("sat", "strict_sum")) is not None and n_sat > 0:
+        summary["oracle_skip_strict"] = _num(1.0 - float(sums.get(("sat", "strict_sum"))) / n_sat / L)
+        summary["oracle_skip_lenient"] = _num(1.0 - float(sums.get(("sat", "lenient_sum"))) / n_sat / L)
+        summary["saturation_mean_strict"] = _num(float(sums.get(("sat", "strict_sum"))) / n_sat)
         hist = sums.get(("sat", "hist_strict"))
         record.saturation_hist = [int(v) for v in hist.round().tolist()]
         record.saturation_hist_lenient = [int(v) for v in sums.get(("sat", "hist_lenient")).round().tolist()]
         for row in rows:
-            row["saturation_frac"] = record.saturation_hist[row["layer"]] / count if row["layer"] < len(hist) else None
+            row["saturation_frac"] = record.saturation_hist[row["layer"]] / n_sat if row["layer"] < len(hist) else None
     # exits
     if has_head and "exits" in cfg.metrics and count > 0:
         curves = {}

@@ -185,3 +185,27 @@ def test_many_probes_keep_memory_flat_and_remove_hooks():
     growth = _rss_mb() - before
     assert growth < 50, f"resident memory grew by {growth:.1f} MB over 500 probes"
     assert all(len(b._forward_hooks) == 0 and len(b._forward_pre_hooks) == 0 for b in parts.blocks)
+
+
+def test_one_nan_token_leaves_token_level_metrics_on_the_others():
+    model = tiny_llama(vocab=40, layers=4).eval()
+
+    def poison(module, args, output):
+        output = output.clone()
+        output[0, -2] = float("nan")  # the last scored position of row 0: no later position attends to it
+        return output
+
+    handle = model.model.layers[2].register_forward_hook(poison)
+    ids = torch.randint(0, 40, (2, 10), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rec = run_probe(model, [ids]).to_dict()
+        with torch.no_grad():  # masked attention spreads the NaN over its row (0 x NaN = NaN): row 1 stays finite
+            finite_tokens = int(torch.isfinite(model(ids).logits[:, :-1]).all(-1).sum())
+    handle.remove()
+    assert 0 < finite_tokens < rec["probe"]["tokens"]
+    clean = run_probe(model, [ids]).to_dict()
+    assert rec["layers"][3]["kl"] is None  # a layer mean over a NaN token is null
+    assert rec["summary"]["oracle_skip_strict"] is not None
+    assert sum(rec["saturation_hist"]) == finite_tokens  # every finite token, and only those
+    assert sum(clean["saturation_hist"]) == clean["probe"]["tokens"]
