@@ -49,3 +49,22 @@ def test_ddp_subprocess_record_equals_single_process(tmp_path):
     assert result["world_size"] == 2
     assert result["steps"] == [0, 2]
     assert result["max_abs_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_exit_heads_stay_identical_on_every_rank(tmp_path):
+    import torch
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "ddp_heads_check.py"), str(tmp_path)],
+                          cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "heads_rank0.pt")
+    r1 = torch.load(tmp_path / "heads_rank1.pt")
+    assert r0["head_steps"] == r1["head_steps"] > 0
+    moved = False
+    for kind, params in r0["heads"].items():
+        for name, value in params.items():
+            assert torch.equal(value, r1["heads"][kind][name]), (kind, name)  # bit-identical across ranks
+            moved = moved or bool(value.abs().sum() > 0)
+    assert moved  # the heads did train (zero-initialised tuned lens moved away from zero)
