@@ -196,3 +196,25 @@ def test_draw_is_the_same_from_tensor_dataset_and_loader():
     flat = [torch.cat([x["input_ids"] for x in d]) for d in (a, b, c)]
     assert torch.equal(flat[0], flat[1]) and torch.equal(flat[0], flat[2])
     assert len(set(flat[0][:, 0].tolist())) == 10 and flat[0][:, 0].max() < 160  # from the first 40 rows
+
+
+def test_tensorboard_logger_gets_every_scalar(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ee_callbacks.sinks.loggers import flatten_record_metrics
+
+    train, val = loaders()
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version="")
+    probe = EarlyExitProbe(every_n_steps=4, probe_data=pattern_tokens(4, 24, 64, 5), print_table=False)
+    trainer = _trainer(tmp_path, [probe], max_steps=4, logger=logger)
+    trainer.fit(TinyLM(), train, val)
+    records = read_records(Path(logger.log_dir) / "ee_probes.jsonl")
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = flatten_record_metrics(records[-1])
+    assert set(expected) <= tags  # every scalar of the record reached TensorBoard
+    last = {e.step: e.value for e in events.Scalars("ee/summary/eas")}
+    assert sorted(last) == [0, 4]
+    assert last[4] == pytest.approx(records[-1]["summary"]["eas"], rel=1e-6)
