@@ -1,0 +1,54 @@
+"""The hand-run benchmarks (benchmarks/, docs/performance.md) still run in their tiniest modes, and the baselines
+they compare against compute the same numbers as run_probe. No timing is asserted: these are not timed tests."""
+
+import math
+
+import pytest
+import torch
+
+from benchmarks import baselines, bench_probe, bench_training_overhead
+
+
+def test_bench_probe_quick_runs_and_the_naive_baseline_agrees():
+    result = bench_probe.main(["--quick"])
+    (cell,) = result["cells"]
+    # the straightforward implementation (output_hidden_states, full log_softmax, one pass per metric) and
+    # run_probe give the same agree / KL / entropy / CE per layer
+    assert set(cell["naive_max_abs_diff"]) == set(baselines.NAIVE_METRICS)
+    assert cell["naive_agrees"], cell["naive_max_abs_diff"]
+    for name in ("floor", "probe", "naive"):
+        assert len(cell["times"][name]) == 1 and cell["times"][name][0] > 0
+    assert math.isfinite(cell["probe_over_floor"]) and math.isfinite(cell["naive_speedup"])
+    if baselines.transformer_lens_available() is not None:  # the optional baseline says why it was skipped
+        assert "transformer_lens" in cell["tlens_note"] and "TransformerLens baseline not measured" in result["markdown"]
+    assert "| L | V |" in result["markdown"] and "Machine:" in result["markdown"]
+
+
+def test_floor_and_naive_on_a_small_model_match_run_probe():
+    from ee_callbacks import ProbeConfig, find_model_parts, run_probe
+
+    model = bench_probe.build_llama(3, 300, 32, 16, seed=1)
+    parts = find_model_parts(model)
+    ids = bench_probe.probe_ids(90, 16, 300, seed=2)
+    batches = bench_probe.split_rows(ids, 2)
+    assert baselines.floor_pass(model, parts, batches) == ids.shape[0] * (ids.shape[1] - 1)
+    record = run_probe(model, batches, config=ProbeConfig(chunk_tokens=32))
+    diffs = baselines.max_abs_diff(baselines.naive_lens(model, batches), record)
+    assert max(diffs.values()) < bench_probe.AGREE_TOL, diffs
+
+
+def test_bench_probe_memory_child_in_a_fresh_process():
+    result = bench_probe.main(["--quick", "--no-time", "--memory"])
+    (row,) = result["memory"]
+    assert row["method"] == "probe" and row["extra_bytes"] >= 0 and row["unit_bytes"] == 64 * 256 * 4
+    assert "peak extra" in result["markdown"]
+
+
+def test_bench_training_overhead_quick_in_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("EE_CACHE_DIR", str(tmp_path / "cache"))
+    result = bench_training_overhead.main(["--quick", "--in-process", "--variants", "base", "probe+heads"])
+    runs = result["runs"]
+    assert runs["base"][0]["probes"] == 0
+    assert runs["probe+heads"][0]["probes"] >= 1 and runs["probe+heads"][0]["probe_s"] > 0
+    assert runs["base"][0]["global_step"] == runs["probe+heads"][0]["global_step"] == 4
+    assert "wall / base" in result["markdown"]
