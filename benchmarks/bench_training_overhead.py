@@ -4,6 +4,7 @@
     python -m benchmarks.bench_training_overhead --reps 5 --threads 1
     python -m benchmarks.bench_training_overhead --quick          # CI-sized smoke (experiment=smoke, 4 steps)
     python -m benchmarks.bench_training_overhead -o logger=csv    # extra Hydra overrides for every variant
+    python -m benchmarks.bench_training_overhead --variants base probe --variant 'probe/100:callbacks.ee_probe.every_n_steps=100'
 
 Variants (the same composed config, callbacks differ):
 
@@ -131,6 +132,8 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads in the training processes")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:OVERRIDE[;OVERRIDE...]",
+                   help="an extra variant, e.g. 'probe/100:callbacks.ee_probe.every_n_steps=100'")
     p.add_argument("-o", "--override", action="append", default=[], help="extra Hydra override for every variant")
     p.add_argument("--timeout", type=float, default=7200.0)
     p.add_argument("--keep", action="store_true", help="keep the run directories")
@@ -144,6 +147,13 @@ def parse_args(argv=None):
         args.override = QUICK_OVERRIDES + list(args.override)
     if "base" not in args.variants:
         args.variants = ["base"] + list(args.variants)
+    args.extra_variants = {}
+    for item in args.variant:
+        name, _, overrides = item.partition(":")
+        if not name or name in VARIANTS:
+            raise SystemExit(f"--variant needs a new NAME:OVERRIDES, got {item!r}")
+        args.extra_variants[name] = [o for o in overrides.split(";") if o]
+    args.variants = list(args.variants) + list(args.extra_variants)
     return args
 
 
@@ -159,7 +169,8 @@ def main(argv=None) -> dict:
     for rep in range(args.reps):
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
-            res = run_variant(name, VARIANTS[name] + list(args.override), args)
+            variant = VARIANTS[name] if name in VARIANTS else args.extra_variants[name]
+            res = run_variant(name, variant + list(args.override), args)
             runs[name].append(res)
             if args.json_out:  # partial results survive an interrupted run
                 with open(args.json_out, "w") as fh:
