@@ -198,7 +198,10 @@ def memory_child(payload: dict) -> dict:
     from ee_callbacks import ProbeConfig, run_probe
 
     cfg = ProbeConfig(chunk_tokens=chunk, dtype=dtype)
-    if method == "probe":
+    if "=" in method:  # NAME=MODULE: another run_probe implementation
+        other_run, other_cfg = _probe_fn(method.split("=", 1)[1])
+        fn = lambda data: other_run(model, data, config=other_cfg(chunk_tokens=chunk, dtype=dtype))  # noqa: E731
+    elif method == "probe":
         fn = lambda data: run_probe(model, data, config=cfg)  # noqa: E731
     elif method == "floor":
         fn = lambda data: baselines.floor_pass(model, parts, data, getattr(torch, dtype), reuse_buffers=True)  # noqa: E731
@@ -308,7 +311,7 @@ def markdown(info: dict, args, rows: list, memory: list, extra_names: list) -> s
         out.append("| method | V | tokens | peak extra | units | hidden states of one chunk | seconds |")
         out.append("|---|---|---|---|---|---|---|")
         for r in memory:
-            out.append(f"| {r['method']} | {_v(r['V'])} | {r['tokens']} | {fmt_bytes(r['extra_bytes'])} | "
+            out.append(f"| {r['method'].split('=')[0]} | {_v(r['V'])} | {r['tokens']} | {fmt_bytes(r['extra_bytes'])} | "
                        f"**{r['extra_bytes'] / r['unit_bytes']:.2f}** | {fmt_bytes(r['hidden_chunk_bytes'])} | "
                        f"{r['seconds']:.1f} |")
         out.append("")
@@ -338,7 +341,8 @@ def parse_args(argv=None):
     p.add_argument("--memory-vocabs", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--memory-tokens", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--memory-chunk-tokens", type=int, default=1024)
-    p.add_argument("--memory-methods", nargs="+", default=["probe", "floor", "naive"])
+    p.add_argument("--memory-methods", nargs="+", default=["probe", "floor", "naive"],
+                   help="probe, floor (strict), floor_fresh, naive, or NAME=MODULE (another run_probe)")
     p.add_argument("--extra-probe", action="append", default=[], metavar="NAME=MODULE",
                    help="also time another run_probe implementation (e.g. orig=ee_orig.probe) and diff its record")
     p.add_argument("--json-out", default=None, help="write every measurement to this JSON file")
@@ -372,7 +376,7 @@ def main(argv=None) -> dict:
                 if args.json_out:  # partial results survive an interrupted grid
                     with open(args.json_out, "w") as fh:
                         json.dump({"machine": info, "args": vars(args), "cells": rows}, fh, indent=1, default=str)
-                log(f"  probe/floor {r['probe_over_floor']:.2f}"
+                log(f"  probe/floor {r['probe_over_floor_cpu']:.2f} cpu, {r['probe_over_floor']:.2f} wall"
                     + (f"  naive/probe {r['naive_speedup']:.2f}  naive agrees {r['naive_agrees']}"
                        if "naive_speedup" in r else ""))
     memory = bench_memory(args) if args.memory else []

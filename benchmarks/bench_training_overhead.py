@@ -74,7 +74,7 @@ def child(payload: dict) -> dict:
 
 
 def run_variant(name: str, overrides: list, args) -> dict:
-    out_dir = Path(tempfile.mkdtemp(prefix=f"ee_bench_{name.replace('+', '_')}_"))
+    out_dir = Path(tempfile.mkdtemp(prefix="ee_bench_" + "".join(c if c.isalnum() else "_" for c in name) + "_"))
     payload = {"overrides": overrides, "output_dir": str(out_dir), "threads": args.threads}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)

@@ -46,9 +46,11 @@ def test_bench_probe_memory_child_in_a_fresh_process():
 
 def test_bench_training_overhead_quick_in_process(tmp_path, monkeypatch):
     monkeypatch.setenv("EE_CACHE_DIR", str(tmp_path / "cache"))
-    result = bench_training_overhead.main(["--quick", "--in-process", "--variants", "base", "probe+heads"])
+    result = bench_training_overhead.main(["--quick", "--in-process", "--variants", "base", "probe+heads",
+                                           "--variant", "probe/2:callbacks.ee_probe.every_n_steps=2"])
     runs = result["runs"]
     assert runs["base"][0]["probes"] == 0
     assert runs["probe+heads"][0]["probes"] >= 1 and runs["probe+heads"][0]["probe_s"] > 0
+    assert runs["probe/2"][0]["probes"] > runs["probe+heads"][0]["probes"]  # an extra variant with its overrides
     assert runs["base"][0]["global_step"] == runs["probe+heads"][0]["global_step"] == 4
     assert "wall / base" in result["markdown"]
