@@ -14,11 +14,12 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, not with the data helpers (W&B extras use them)
+    from matplotlib.figure import Figure
 
 # Per-layer metrics in the order tables and reports show them (DESIGN §3); unknown extra metrics follow, sorted.
 LAYER_METRICS = (
@@ -264,6 +265,9 @@ def run_label(record: Mapping[str, Any], fallback: str) -> str:
 
 
 def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure

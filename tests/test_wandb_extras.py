@@ -1,7 +1,9 @@
-"""W&B extras: log through real offline runs, read the .wandb file back, check what landed."""
+"""W&B extras: log through real offline runs, read them back with ``wandb leet inspect --json``, check what landed."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -9,12 +11,14 @@ import pytest
 from PIL import Image
 
 from ee_callbacks import plotting
-from ee_callbacks.sinks.wandb_extras import WandbExtras
-from ee_callbacks.sinks.wandb_reader import read_offline_run
+from ee_callbacks.sinks.loggers import flatten_record_metrics
+from ee_callbacks.sinks.wandb_extras import WandbExtras, _spread
 from tests.record_factory import make_history, make_record, write_jsonl
+from tests.wandb_inspect import inspect_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MEDIA_KEYS = ("heatmap_agree", "heatmap_kl", "tradeoff", "cka")
+CHART_KEYS = ("charts/agree", "charts/kl", "charts/ce", "charts/layer_profile", "charts/tradeoff")
+IMAGE_KEYS = ("heatmap_agree", "heatmap_kl", "tradeoff", "cka")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,92 +32,164 @@ def wandb_env(tmp_path_factory):
         yield
 
 
-def _pixels(path_or_image) -> np.ndarray:
-    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
-    return np.asarray(image.convert("RGB"))
+def _chart_table(run, key):
+    table_key = f"Custom Chart Tables/{key}_table"
+    return run.table_file(run.rows_with(table_key)[-1], table_key)
 
 
-def _heatmap_pixels(records, dpi: int = 50) -> np.ndarray:
-    """What WandbExtras(image_dpi=dpi) draws for ``heatmap_agree`` over these records."""
-    return _pixels(plotting.heatmap(records, "agree", "agree with final layer").to_pil(dpi))
-
-
-def test_log_probe_final_config_and_artifact_on_a_plain_run(tmp_path):
+def test_define_log_and_artifact_on_a_plain_run(tmp_path):
     import wandb
 
     records = make_history([0, 100, 200], n_layers=4)
     val_records = make_history([100, 200], n_layers=4, set_name="val")
-    extras = WandbExtras(image_dpi=50)
+    extras = WandbExtras()
     heads_dir = tmp_path / "heads"
     heads_dir.mkdir()
     (heads_dir / "head_02.pt").write_bytes(b"weights")
-    jsonl = write_jsonl(tmp_path / "ee_probes.jsonl", records)
+    jsonl = write_jsonl(tmp_path / "ee_probes.jsonl", records + val_records)
 
     run = wandb.init(mode="offline", dir=tmp_path, project="extras")
     try:
         assert extras.log_config(run, {"every_n_steps": 100, "rules": ["max_prob", "margin"]})
         for index, record in enumerate(records):
-            run.log({"train/loss": 3.0 - index, "trainer/global_step": record["step"]})
-            # The history passed includes both sets; the default set's heatmap must use only its own records.
+            scalars = flatten_record_metrics(record, "ee")
+            assert extras.define_metrics(run, scalars)
+            run.log({**scalars, "train/loss": 3.0 - index, "trainer/global_step": record["step"]})
+            # The history passed includes both sets; the default set's charts must use only its own records.
             assert extras.log_probe(run, record, records[:index] + val_records[:index], set_name="default")
+        val_scalars = flatten_record_metrics(val_records[-1], "ee/val")
+        assert extras.define_metrics(run, val_scalars, set_name="val")
+        run.log({**val_scalars, "trainer/global_step": 200})
         assert extras.log_probe(run, val_records[-1], val_records, set_name="val")
-        assert extras.log_final(run, records[-1])
         artifact = extras.log_artifact(run, jsonl, heads_dir=heads_dir)
         assert artifact is not None
         run_id = run.id
     finally:
         wandb.finish()
 
-    logged = read_offline_run(tmp_path, wait_s=60)
-    assert logged.complete
-    probe_rows = [row for row in logged.history if "ee/table" in row]
+    logged = inspect_run(tmp_path)
+    assert logged.state["state"] == "finished"
+    probe_rows = logged.rows_with("ee/table")
     assert [row["trainer/global_step"] for row in probe_rows] == [0, 100, 200]
-    assert [row["ee/heatmap_agree"]["caption"] for row in probe_rows] == ["step 0", "step 100", "step 200"]
+
+    # Visible: the headline summary figures with their modes; hidden: everything per layer, for both sets.
+    visible = logged.visible_scalar_keys("ee/")
+    assert visible == {key for key in flatten_record_metrics(records[0], "ee") | val_scalars
+                       if extras.metric_definition(key, "val" if key.startswith("ee/val/") else "default")
+                       .get("hidden") is None}
+    assert "ee/summary/eas" in visible and "ee/val/summary/eas" in visible
+    assert "ee/summary/static_exit_layer" not in visible and "ee/agree/layer_02" not in visible
+    assert logged.definition("ee/val/summary/static_skip_5pct")["summary"] == {"last": True, "max": True}
+    assert logged.definition("ee/summary/probe_s")["summary"] == {"mean": True}
+    assert logged.definition("ee/agree/layer_02")["summary"] == {"none": True}
+    eas = [r["summary"]["eas"] for r in records]
+    assert logged.summary["ee/summary/eas"] == {"last": eas[-1], "max": max(eas)}
+    skips = [r["summary"]["skip_at_consistency_0.95"]["margin"] for r in records]
+    assert logged.summary["ee/summary/skip_at_consistency_0.95/margin"] == {"last": skips[-1], "max": max(skips)}
+    assert logged.summary["ee/summary/probe_s"]["mean"] == pytest.approx(np.mean([r["timing"]["probe_s"]
+                                                                                  for r in records]))
+
+    # Charts: one per entry and set; the per-layer chart spans the default set's history, layer by layer.
+    assert set(logged.charts) == {f"ee/{key}" for key in CHART_KEYS} | {f"ee/val/{key}" for key in CHART_KEYS}
+    kl = _chart_table(logged, "ee/charts/kl")
+    assert kl["columns"] == ["step", "lineKey", "lineVal"]
+    assert kl["data"] == [[r["step"], f"layer_{r['layers'][i]['layer']:02d}", r["layers"][i]["kl"]]
+                          for i in range(5) for r in records]  # one line per layer, in step order
+    val_kl = _chart_table(logged, "ee/val/charts/kl")
+    assert sorted({step for step, _, _ in val_kl["data"]}) == [100, 200]
+    profile = _chart_table(logged, "ee/charts/layer_profile")
+    assert profile["data"] == [[layer["layer"], metric, layer[metric]] for metric in extras.profile_metrics
+                               for layer in records[-1]["layers"]]
+    tradeoff = _chart_table(logged, "ee/charts/tradeoff")
+    assert tradeoff["data"] == [[rule, p["threshold"], p["skip"], p["consistency"], p["acc"]]
+                                for rule, points in records[-1]["curves"].items() for p in points]
+    assert logged.charts["ee/charts/tradeoff"]["panel_config"]["stringSettings"]["title"].endswith("(step 200)")
+
+    # The probe table grows: three increments of one incremental table hold exactly the records' numbers.
+    assert [row["ee/table.increment_num"] for row in probe_rows] == [0, 1, 2]
+    columns = ["step", "layer", *plotting.LAYER_METRICS]
+    rows = []
     for row in probe_rows:
-        assert set(row) >= {f"ee/{key}" for key in MEDIA_KEYS}
-        assert not any(key.startswith("ee/val/") for key in row)
-
-    # The per-layer table of the last probe holds exactly the record's numbers (null stays null).
-    table = logged.load_table(probe_rows[-1]["ee/table"])
-    assert table["columns"] == ["step", "layer", *plotting.LAYER_METRICS]
-    expected = [[200, entry["layer"], *(entry[m] for m in plotting.LAYER_METRICS)] for entry in records[-1]["layers"]]
-    assert table["data"] == expected
-    assert table["data"][0][-1] is None  # block influence of the embedding output
-
-    # Each heatmap image is the heatmap of the history so far (redrawn each probe), not of the latest probe alone.
-    for index, row in enumerate(probe_rows):
-        path = logged.media_path(row["ee/heatmap_agree"])
-        assert path.read_bytes()[:8] == PNG_SIGNATURE
-        drawn = _pixels(path)
-        assert np.array_equal(drawn, _heatmap_pixels(records[: index + 1]))
-        if index > 0:
-            alone = _heatmap_pixels(records[index : index + 1])
-            assert drawn.shape != alone.shape or not np.array_equal(drawn, alone)
-    for key in ("ee/heatmap_kl", "ee/tradeoff", "ee/cka"):
-        assert logged.media_path(probe_rows[-1][key]).read_bytes()[:8] == PNG_SIGNATURE
-
-    val_row = next(row for row in logged.history if "ee/val/table" in row)
-    assert set(val_row) >= {"ee/val/table", *(f"ee/val/{key}" for key in MEDIA_KEYS)}
-    assert val_row["ee/val/cka"]["caption"] == "step 200, probe set val"
-    val_drawn = _pixels(logged.media_path(val_row["ee/val/heatmap_agree"]))
-    assert np.array_equal(val_drawn, _heatmap_pixels(val_records))
-
-    last = records[-1]
-    assert logged.summary["ee/final/step"] == 200
-    assert logged.summary["ee/final/eas"] == last["summary"]["eas"]
-    assert logged.summary["ee/final/oracle_skip_strict"] == last["summary"]["oracle_skip_strict"]
-    assert (
-        logged.summary["ee/final/skip_at_consistency_0.95/max_prob"]
-        == last["summary"]["skip_at_consistency_0.95"]["max_prob"]
-    )
-    assert logged.summary["ee/final/agree/layer_02"] == last["layers"][2]["agree"]
-    assert "ee/final/eas_similarity" not in logged.summary  # strings are not summary figures
+        increment = logged.table_file(row, "ee/table")
+        assert increment["columns"] == columns
+        rows += increment["data"]
+    assert rows == [[r["step"], entry["layer"], *(entry[m] for m in plotting.LAYER_METRICS)]
+                    for r in records for entry in r["layers"]]
+    assert rows[0][-1] is None  # block influence of the embedding output: null stays null
+    assert not any(key.startswith(("ee/heatmap", "ee/cka")) for row in logged.history for key in row)
 
     assert logged.config["ee_probe"] == {"every_n_steps": 100, "rules": ["max_prob", "margin"]}
     (probes,) = [a for a in logged.artifacts if a["type"] == "ee-probes"]
     assert probes["name"] == f"ee-probes-{run_id}"
-    assert sorted(probes["entries"]) == ["ee_probes.jsonl", "exit_heads/head_02.pt"]
-    assert probes["metadata"] == {"records": 3}
+    assert set(probes["aliases"]) == {"latest", "step-200"}
+    assert probes["entries"] == ["ee_probes.jsonl", "exit_heads/head_02.pt"]
+    meta = probes["metadata"]
+    assert meta["records"] == 5 and meta["steps"] == [0, 100, 200] and meta["sets"] == ["default", "val"]
+    assert meta["model"] == records[-1]["model"] and meta["status"] == "finished"
+    assert meta["probe"]["val"] == val_records[-1]["probe"]
+
+
+def test_images_only_when_asked(tmp_path):
+    import wandb
+
+    records = make_history([0, 50], n_layers=3)
+    extras = WandbExtras(wandb_images=True, image_dpi=40)
+    run = wandb.init(mode="offline", dir=tmp_path, project="extras-images")
+    try:
+        for index, record in enumerate(records):
+            assert extras.log_probe(run, record, records[:index])
+    finally:
+        wandb.finish()
+    logged = inspect_run(tmp_path)
+    last = logged.rows_with("ee/heatmap_agree")[-1]
+    for key in IMAGE_KEYS:
+        assert logged.media_file(last, f"ee/{key}").read_bytes()[:8] == PNG_SIGNATURE
+    # the heatmap is the history so far (redrawn each probe), exactly what plotting draws
+    drawn = np.asarray(Image.open(logged.media_file(last, "ee/heatmap_agree")).convert("RGB"))
+    expected = plotting.heatmap(records, "agree", "agree with final layer").to_pil(40).convert("RGB")
+    assert np.array_equal(drawn, np.asarray(expected))
+    assert {f"ee/{key}" for key in CHART_KEYS} <= set(logged.charts)
+
+
+def test_default_extras_never_import_matplotlib(tmp_path):
+    code = (
+        "import sys, wandb\n"
+        "from ee_callbacks.sinks.wandb_extras import WandbExtras\n"
+        "from tests.record_factory import make_history\n"
+        "records = make_history([0, 10], n_layers=3)\n"
+        "run = wandb.init(mode='offline', dir=sys.argv[1], project='no-mpl')\n"
+        "extras = WandbExtras()\n"
+        "assert all(extras.log_probe(run, r, records) for r in records)\n"
+        "run.finish()\n"
+        "print('matplotlib' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_layer_chart_keeps_at_most_max_points_evenly_spread_with_the_latest():
+    records = make_history(list(range(0, 1000, 10)), n_layers=2)  # 100 probes
+    assert [r["step"] for r in _spread(records, 5)] == [0, 250, 500, 740, 990]  # indices 0, 25, 50, 74, 99
+    assert _spread(records[:3], 5) == records[:3]
+    chart = WandbExtras(max_chart_points=5).layer_chart(records, "agree")
+    data = chart.table.data
+    assert sorted({step for step, _, _ in data}) == [0, 250, 500, 740, 990]
+    assert len(data) == 5 * 3  # layers 0, 1, 2
+    assert WandbExtras().layer_chart(records, "no_such_metric") is None
+
+
+def test_metric_definitions():
+    extras = WandbExtras()
+    assert extras.metric_definition("ee/summary/eas") == {"step_metric": "trainer/global_step", "summary": "last,max"}
+    assert extras.metric_definition("ee/summary/final_ce")["summary"] == "last,min"
+    assert extras.metric_definition("ee/summary/skip_at_consistency_0.99/patience_2")["summary"] == "last,max"
+    hidden = {"step_metric": "trainer/global_step", "hidden": True, "summary": "none"}
+    for key in ("ee/agree/layer_03", "ee/summary/static_exit_layer", "ee/heads/tuned_lens/ce/layer_01",
+                "ee/val/summary/eas", "ee/summary/skip_at_consistency_0.99"):
+        assert extras.metric_definition(key) == hidden, key  # ee/val/... is visible only for the set "val"
+    assert extras.metric_definition("ee/val/summary/eas", "val")["summary"] == "last,max"
+    assert WandbExtras(step_key=None).metric_definition("ee/summary/eas") == {"summary": "last,max"}
 
 
 def test_failures_warn_once_and_never_raise(tmp_path):
@@ -129,8 +205,8 @@ def test_failures_warn_once_and_never_raise(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second failure of the same kind must stay quiet
         assert extras.log_probe(run, record, [record]) is False
-    with pytest.warns(RuntimeWarning, match="log_final failed"):
-        assert extras.log_final(run, record) is False
+    with pytest.warns(RuntimeWarning, match="define_metrics failed"):
+        assert extras.define_metrics(run, ["ee/summary/eas"]) is False
     with pytest.warns(RuntimeWarning, match="log_config failed"):
         assert extras.log_config(run, {"a": 1}) is False
     with pytest.warns(RuntimeWarning, match="probe records not found"):
@@ -139,6 +215,10 @@ def test_failures_warn_once_and_never_raise(tmp_path):
         assert extras.log_probe(None, record) is False
     with pytest.raises(ValueError, match="prefix"):
         WandbExtras(prefix="ee/")
+    with pytest.raises(ValueError, match="layer_charts must be a list"):
+        WandbExtras(layer_charts="agree")
+    with pytest.raises(ValueError, match="max_chart_points"):
+        WandbExtras(max_chart_points=1)
 
 
 def test_extras_through_lightning_trainer_share_its_step_axis(tmp_path):
@@ -163,7 +243,7 @@ def test_extras_through_lightning_trainer_share_its_step_axis(tmp_path):
 
     class ProbeEveryTwoSteps(Callback):
         def __init__(self):
-            self.extras = WandbExtras(image_dpi=40)
+            self.extras = WandbExtras()
             self.history = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -189,20 +269,16 @@ def test_extras_through_lightning_trainer_share_its_step_axis(tmp_path):
     )
     try:
         trainer.fit(TinyRegression(), torch.utils.data.DataLoader(data, batch_size=4))
-        assert WandbExtras().log_final(logger, make_record(6, n_layers=3))
     finally:
         wandb.finish()
 
-    logged = read_offline_run(tmp_path, wait_s=60)
-    assert logged.complete
-    probe_steps = [row["trainer/global_step"] for row in logged.history if "ee/table" in row]
+    logged = inspect_run(tmp_path)
+    probe_steps = [row["trainer/global_step"] for row in logged.rows_with("ee/table")]
     loss_steps = [row["trainer/global_step"] for row in logged.history if "train/loss" in row]
     assert probe_steps == [2, 4, 6]
     assert loss_steps == [0, 1, 2, 3, 4, 5]
     # wandb's own row counter only ever increases: no row was dropped for a stale step.
     internal = [row["_step"] for row in logged.history]
     assert internal == sorted(internal) and len(set(internal)) == len(internal)
-    for row in logged.history:
-        if "ee/table" in row:
-            assert logged.load_table(row["ee/table"])["data"][0][0] == row["trainer/global_step"]
-    assert logged.summary["ee/final/step"] == 6
+    for row in logged.rows_with("ee/table"):
+        assert logged.table_file(row, "ee/table")["data"][0][0] == row["trainer/global_step"]

@@ -75,7 +75,9 @@ class EarlyExitProbe(Callback):
         print_table: print a compact layer × agree/kl/ce table at the end of fit.
         readouts: extra readouts ``{kind: readout}`` to evaluate, or a callable returning them (``ExitHeads``
             registers its heads here itself).
-        wandb_extras: log tables, heatmaps, curves and the JSONL artifact when a WandbLogger is attached.
+        wandb_extras: with a WandbLogger attached, shape the W&B workspace (per-layer scalars hidden, summary modes),
+            log interactive charts, the growing probe table and the JSONL artifact (see ``WandbExtras``).
+        wandb_images: also draw matplotlib heatmap/trade-off/CKA images for W&B at every probe (slow; off by default).
         data_name: a label of the probe data for the record (default: the source's type).
         run_info: ``{"name": ..., "experiment": ...}`` copied into each record's ``run`` (reports name runs by it).
     """
@@ -99,6 +101,7 @@ class EarlyExitProbe(Callback):
         print_table: bool = True,
         readouts: Any = None,
         wandb_extras: bool = True,
+        wandb_images: bool = False,
         data_name: Optional[str] = None,
         run_info: Optional[Mapping] = None,
     ):
@@ -126,6 +129,7 @@ class EarlyExitProbe(Callback):
         self.print_table = print_table
         self.extra_readouts = readouts
         self.wandb_extras = wandb_extras
+        self.wandb_images = bool(wandb_images)
         self.data_name = data_name
         self.run_info = dict(run_info or {})
         # state (saved in checkpoints)
@@ -223,7 +227,7 @@ class EarlyExitProbe(Callback):
             for note in self._parts.notes:
                 log.warning("EarlyExitProbe: %s", note)
         if self.wandb_extras and trainer.is_global_zero:
-            self._extras = _make_wandb_extras(trainer)
+            self._extras = _make_wandb_extras(trainer, self.wandb_images)
             if self._extras is not None:
                 self._safe(lambda: self._extras.log_config(self._wandb_logger(trainer), self._config_payload()), "wandb")
 
@@ -259,13 +263,19 @@ class EarlyExitProbe(Callback):
             if self.print_table and self.last_records:
                 for name, record in self.last_records.items():
                     print(format_record_table(record, title=f"ee_callbacks probe '{name}' at step {record['step']}"))
-            if self._extras is not None and self._path is not None and self._path.exists():
-                wl = self._wandb_logger(trainer)
-                last = self.last_records.get("default") or next(iter(self.last_records.values()), None)
-                if last is not None:
-                    self._safe(lambda: self._extras.log_final(wl, last), "wandb")
-                heads_dir = getattr(self, "heads_dir", None)
-                self._safe(lambda: self._extras.log_artifact(wl, str(self._path), heads_dir), "wandb")
+            self._log_wandb_artifact(trainer, "finished")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # the records written so far reach W&B even when the run crashes (never raises: the original error wins)
+        if trainer.is_global_zero and self._extras is not None:
+            self._safe(self._write_pending_or_raise, "records")
+            self._log_wandb_artifact(trainer, "failed")
+
+    def _log_wandb_artifact(self, trainer: Trainer, status: str) -> None:
+        if self._extras is not None and self._path is not None and self._path.exists():
+            wl = self._wandb_logger(trainer)
+            heads_dir = getattr(self, "heads_dir", None)
+            self._safe(lambda: self._extras.log_artifact(wl, str(self._path), heads_dir, status=status), "wandb")
 
     def _write_pending_or_raise(self) -> None:
         try:
@@ -351,6 +361,8 @@ class EarlyExitProbe(Callback):
         self.history.append({"set": name, "step": data["step"], "summary": data["summary"], "layers": data["layers"]})
         prefix = "ee" if name == "default" else f"ee/{name}"
         metrics = flatten_record_metrics(data, prefix)
+        if self._extras is not None:  # hidden/visible and summary modes must be declared before the first log
+            self._safe(lambda: self._extras.define_metrics(self._wandb_logger(trainer), metrics, name), "wandb")
         failures = log_to_loggers(trainer.loggers, metrics, step=int(trainer.global_step))
         for logger_name, err in failures:
             self._warn_once(f"logger:{logger_name}", f"EarlyExitProbe: logging to {logger_name} failed ({err}); "
@@ -460,7 +472,7 @@ def _make_reduce(trainer: Trainer):
     return reduce
 
 
-def _make_wandb_extras(trainer: Trainer):
+def _make_wandb_extras(trainer: Trainer, wandb_images: bool = False):
     from lightning.pytorch.loggers import WandbLogger
 
     if not any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
@@ -470,4 +482,4 @@ def _make_wandb_extras(trainer: Trainer):
     except Exception as err:  # pragma: no cover - optional sink
         warnings.warn(f"EarlyExitProbe: W&B extras unavailable ({err})", RuntimeWarning)
         return None
-    return WandbExtras()
+    return WandbExtras(wandb_images=wandb_images)
