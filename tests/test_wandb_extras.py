@@ -282,3 +282,20 @@ def test_extras_through_lightning_trainer_share_its_step_axis(tmp_path):
     assert internal == sorted(internal) and len(set(internal)) == len(internal)
     for row in logged.rows_with("ee/table"):
         assert logged.table_file(row, "ee/table")["data"][0][0] == row["trainer/global_step"]
+
+
+def test_benchmark_quick_counts_panels_from_what_wandb_reads(monkeypatch, tmp_path):
+    from benchmarks import bench_wandb_extras
+
+    monkeypatch.chdir(tmp_path)
+    result = bench_wandb_extras.main(["--quick"])
+    (row,) = result["rows"]
+    assert len(row["probe_s"]) == 2 and all(s > 0 for s in row["probe_s"])
+    assert set(row["variants"]) == {"scalars", "extras"}
+    assert row["variants"]["scalars"]["extras_s"] == [0.0, 0.0]
+    extras = row["panels"]["extras"]
+    # 3 layers: 8 headline summary scalars + 2 levels × 4 rules of skip-at-consistency stay visible
+    assert extras == {"visible_scalars": 16, "charts": 5, "media": 1, "panels": 22, "chart_tables": 5,
+                      "all_ee_scalars": row["panels"]["scalars"]["all_ee_scalars"]}
+    assert row["panels"]["scalars"]["visible_scalars"] == row["panels"]["scalars"]["all_ee_scalars"] > 16
+    assert "| L | probe | variant |" in result["markdown"]

@@ -266,12 +266,14 @@ class WandbExtras:
         layers = sorted({layer for rows in per_record for layer, entry in rows.items() if metric in entry})
         if not points or not layers:
             return None
-        steps = [record["step"] for record in points]
-        ys = [[_cell(rows[layer].get(metric)) if layer in rows else None for rows in per_record] for layer in layers]
+        data = [[record["step"], f"layer_{layer:02d}", _cell(rows[layer].get(metric)) if layer in rows else None]
+                for layer in layers for record, rows in zip(points, per_record)]
         suffix = "" if set_name in (None, "", "default") else f" ({set_name})"
-        return wandb.plot.line_series(
-            xs=steps, ys=ys, keys=[f"layer_{layer:02d}" for layer in layers],
-            title=f"{metric} per layer{suffix}", xname=self.step_key or "step", split_table=True,
+        # what wandb.plot.line_series draws (its Vega spec and columns), from a table built in bulk
+        return wandb.plot_table(
+            "wandb/lineseries/v0", _bulk_table(["step", "lineKey", "lineVal"], data),
+            {"step": "step", "lineKey": "lineKey", "lineVal": "lineVal"},
+            {"title": f"{metric} per layer{suffix}", "xname": self.step_key or "step"}, split_table=True,
         )
 
     def profile_chart(self, record: Mapping[str, Any], set_name: str = "default"):
@@ -283,7 +285,7 @@ class WandbExtras:
                 for metric in self.profile_metrics for layer in sorted(rows) if _cell(rows[layer].get(metric)) is not None]
         if not data:
             return None
-        table = wandb.Table(columns=["layer", "metric", "value"], data=data)
+        table = _bulk_table(["layer", "metric", "value"], data)
         suffix = "" if set_name in (None, "", "default") else f", {set_name}"
         return wandb.plot.line(table, "layer", "value", stroke="metric",
                                title=f"layer profile (step {record.get('step')}{suffix})", split_table=True)
@@ -302,7 +304,7 @@ class WandbExtras:
                     data.append([str(rule), _cell(point.get("threshold")), skip, consistency, _cell(point.get("acc"))])
         if not data:
             return None
-        table = wandb.Table(columns=["rule", "threshold", "skip", "consistency", "acc"], data=data)
+        table = _bulk_table(["rule", "threshold", "skip", "consistency", "acc"], data)
         suffix = "" if set_name in (None, "", "default") else f", {set_name}"
         return wandb.plot.line(table, "skip", "consistency", stroke="rule",
                                title=f"exit trade-off: skip vs consistency (step {record.get('step')}{suffix})",
@@ -418,6 +420,17 @@ def _resolve_run(logger_or_run: Any) -> Any:
     if not callable(getattr(run, "log", None)):
         raise TypeError(f"expected a Lightning WandbLogger or a wandb run, got {type(logger_or_run).__name__}")
     return run
+
+
+def _bulk_table(columns: list[str], rows: list[list[Any]]):
+    """A ``wandb.Table`` of many rows without wandb's per-row type check (≈ 50 µs a row, 3 300 rows per chart at
+    32 layers × 100 probes): column types come from the first row without nulls, every column may hold null."""
+    import wandb
+
+    seed = next((row for row in rows if all(value is not None for value in row)), rows[0])
+    table = wandb.Table(columns=columns, data=[seed])
+    table.data = [list(row) for row in rows]
+    return table
 
 
 def _supports_incremental_tables() -> bool:
