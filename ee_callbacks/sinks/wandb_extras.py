@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ee_callbacks.plotting import as_float, layer_metric_names, layer_rows
+from ee_callbacks.plotting import as_float, layer_metric_names, layer_rows, ordered_records
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,9 @@ class WandbExtras:
             raise ValueError(f"step_key must be a string or None, got {step_key!r}")
         for name, value in (("layer_charts", layer_charts), ("profile_metrics", profile_metrics)):
             if isinstance(value, str) or not all(isinstance(item, str) and item for item in value):
-                raise ValueError(f"{name} must be a list of per-layer metric names (e.g. ['agree', 'kl']), got {value!r}")
+                raise ValueError(
+                    f"{name} must be a list of per-layer metric names (e.g. ['agree', 'kl']), got {value!r}"
+                )
         if isinstance(max_chart_points, bool) or not isinstance(max_chart_points, int) or max_chart_points < 2:
             raise ValueError(f"max_chart_points must be an integer ≥ 2, got {max_chart_points!r}")
         self.prefix = prefix
@@ -180,7 +182,7 @@ class WandbExtras:
     ) -> bool:
         """Log one probe (see the class docstring for the keys). ``history``: earlier records of this run.
 
-        Records of ``history`` from another probe set are ignored; ``record`` is added when it is not in it yet.
+        Records of ``history`` from another probe set are ignored; ``record`` replaces any of the same step.
         """
         try:
             run = _resolve_run(logger_or_run)
@@ -200,9 +202,9 @@ class WandbExtras:
     ) -> dict[str, Any]:
         """The dict ``log_probe`` hands to ``run.log`` (the probe table grows by this record's rows)."""
         step = record.get("step")
-        records = [past for past in history if _set_of(past) == _set_of({"set": set_name})]
-        if not any(past is record for past in records):
-            records.append(record)
+        # by step, one record per step: the callback's history already holds a compact copy of this record
+        same_set = [past for past in history if _set_of(past) == _set_of({"set": set_name})]
+        records = ordered_records([*same_set, record])
         row: dict[str, Any] = {}
         table = self._grow_table(record, set_name)
         if table is not None:
@@ -281,8 +283,9 @@ class WandbExtras:
         import wandb
 
         rows = layer_rows(record)
-        data = [[layer, metric, _cell(rows[layer].get(metric))]
-                for metric in self.profile_metrics for layer in sorted(rows) if _cell(rows[layer].get(metric)) is not None]
+        cells = [[layer, metric, _cell(rows[layer].get(metric))] for metric in self.profile_metrics
+                 for layer in sorted(rows)]
+        data = [cell for cell in cells if cell[2] is not None]
         if not data:
             return None
         table = _bulk_table(["layer", "metric", "value"], data)
