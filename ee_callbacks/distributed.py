@@ -242,7 +242,9 @@ def readout_context_factory(
         from .model_parts import find_model_parts
 
         parts = find_model_parts(lm)
-    modules += [getattr(parts, "unembed", None), getattr(parts, "final_norm", None)]
+    readout_modules = getattr(parts, "readout_modules", None)  # a final path of several modules: each one
+    modules += readout_modules() if callable(readout_modules) else [getattr(parts, "unembed", None),
+                                                                     getattr(parts, "final_norm", None)]
     modules = [m for m in modules if isinstance(m, nn.Module)]
     return lambda: readout_context(trainer, pl_module, modules)
 

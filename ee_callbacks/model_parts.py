@@ -11,33 +11,61 @@ Discovery is structural, so it works for Hugging Face causal LMs of families it 
   unembedding, registered after the blocks.
 
 Every guess can be overridden by a dotted module path (``blocks="transformer.h"``, ``final_norm="transformer.ln_f"``,
-``unembed="lm_head"``; ``final_norm=""`` means "no final norm"). When discovery cannot decide it raises
-:class:`ModelPartsError` naming what it found and the argument to pass.
+``unembed="lm_head"``; ``final_norm=""`` means "no final norm"; ``final_norm="a.norm,a.proj"`` names a *final path*
+of several modules applied in order, e.g. OPT's final norm then ``project_out``). When discovery cannot decide it
+raises :class:`ModelPartsError` naming what it found and the argument to pass.
+
+A structural guess is only a guess: :func:`prove_model_parts` runs the model once, reads the last block's output
+through the guessed final path and unembedding, and requires the model's own logits back; when they differ it tries
+the other candidates (the modules the forward actually runs between the last block and the unembedding, every norm
+outside the blocks, none) and raises, listing what was tried, when none passes. :func:`find_language_model` finds the
+language model inside a wrapper (a LightningModule keeping it under any attribute).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, ContextManager, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-__all__ = ["ModelParts", "ModelPartsError", "find_model_parts", "unwrap_model"]
+__all__ = [
+    "FinalPath",
+    "ModelParts",
+    "ModelPartsError",
+    "find_language_model",
+    "find_model_parts",
+    "prove_model_parts",
+    "unwrap_model",
+]
 
 
 class ModelPartsError(ValueError):
     """The model's block stack, final norm or unembedding could not be determined."""
 
 
+class FinalPath(nn.Sequential):
+    """Several of the model's modules applied in order between the last block and the unembedding (OPT's final norm
+    then ``project_out``; a BERT-style head's transform). Registered nowhere in the model: its state never changes."""
+
+    def __init__(self, modules, paths):
+        super().__init__(*modules)
+        self.paths = list(paths)
+
+
 @dataclass
 class ModelParts:
     """The pieces of a model the probe reads out from.
 
-    ``readout(h)`` computes ``z = T(U(N(h)))`` for a hidden state ``h``: ``N`` the final norm (identity if None),
-    ``U`` the unembedding and ``T`` the model's own logit post-processing (final-logit soft-capping as in Gemma 2,
-    or a constant logit scale), so that ``readout(h_L)`` equals the model's logits.
+    ``readout(h)`` computes ``z = T(U(N(h)))`` for a hidden state ``h``: ``N`` the final path (the final norm, or a
+    :class:`FinalPath` of several modules; identity if None), ``U`` the unembedding and ``T`` the model's own logit
+    post-processing (final-logit soft-capping as in Gemma 2, or a constant logit scale), so that ``readout(h_L)``
+    equals the model's logits. ``proof`` says how that was checked (:func:`prove_model_parts`), None if never.
     """
 
     blocks: list
@@ -49,6 +77,8 @@ class ModelParts:
     logit_softcap: Optional[float] = None
     logit_scale: Optional[float] = None
     notes: list = field(default_factory=list)
+    proof: Optional[dict] = None
+    hidden_size: Optional[int] = None  # width of the blocks' output (known once proven)
 
     @property
     def n_layers(self) -> int:
@@ -83,7 +113,15 @@ class ModelParts:
             "unembed": self.unembed_path,
             "logit_softcap": self.logit_softcap,
             "logit_scale": self.logit_scale,
+            "proof": self.proof,
         }
+
+    def readout_modules(self) -> list:
+        """The model's own modules a readout runs (the final path's members and the unembedding)."""
+        norm = self.final_norm
+        mods = list(norm) if isinstance(norm, FinalPath) else [norm.parent] if isinstance(norm, InputOf) \
+            else ([norm] if norm is not None else [])
+        return mods + ([self.unembed] if self.unembed is not None else [])
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -112,6 +150,58 @@ def _get(model: nn.Module, path: str, what: str) -> nn.Module:
             f"{what}={path!r} does not name a submodule of {type(model).__name__} ({err}). "
             f"Some module paths of this model: {names}"
         ) from None
+
+
+class InputOf(nn.Module):
+    """What a head module feeds into its unembedding: runs ``parent`` on ``h`` and stops at the call of ``child``,
+    returning that call's input (a head computing ``decoder(layer_norm(gelu(dense(h))))`` in its own ``forward``, as
+    RoBERTa's, has no module for the activation, so no list of modules can stand for it). ``child`` never runs."""
+
+    class _Stop(Exception):
+        pass
+
+    def __init__(self, parent: nn.Module, child: nn.Module, child_path: str):
+        super().__init__()
+        self.parent = parent
+        self.child_path = child_path
+        self._child = [child]  # not registered: it is a submodule of parent already
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        seen = []
+
+        def stop(module, args):
+            seen.append(args[0])
+            raise InputOf._Stop
+
+        handle = self._child[0].register_forward_pre_hook(stop)
+        try:
+            self.parent(h)
+        except InputOf._Stop:
+            return seen[0]
+        finally:
+            handle.remove()
+        raise ModelPartsError(f"final_norm='input_of:{self.child_path}': the head never called {self.child_path}")
+
+
+_INPUT_OF = "input_of:"
+
+
+def _final_path(model: nn.Module, spec) -> tuple[Optional[str], Optional[nn.Module]]:
+    """``final_norm=`` as given: "" (none), one dotted path, or several (a list, or comma-separated) run in order;
+    ``"input_of:lm_head.decoder"``: what ``lm_head`` feeds into ``lm_head.decoder`` (see :class:`InputOf`)."""
+    paths = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else [str(p).strip() for p in spec]
+    paths = [p for p in paths if p]
+    if not paths:
+        return None, None
+    if len(paths) == 1 and paths[0].startswith(_INPUT_OF):
+        child_path = paths[0][len(_INPUT_OF):]
+        parent_path = child_path.rpartition(".")[0]
+        child = _get(model, child_path, "final_norm")
+        return paths[0], InputOf(_get(model, parent_path, "final_norm") if parent_path else model, child, child_path)
+    mods = [_get(model, p, "final_norm") for p in paths]
+    if len(mods) == 1:
+        return paths[0], mods[0]
+    return ",".join(paths), FinalPath(mods, paths)
 
 
 def _n_params(module: nn.Module) -> int:
@@ -159,7 +249,11 @@ def _vocab_size(model: nn.Module) -> Optional[int]:
     return None
 
 
-def _find_unembed(model: nn.Module, blocks_path: str) -> tuple[Optional[str], Optional[nn.Module]]:
+def _find_unembed(
+    model: nn.Module, blocks_path: str, strict: bool = False
+) -> tuple[Optional[str], Optional[nn.Module]]:
+    """``strict``: only an output embedding the model declares or a ``Linear`` onto the vocabulary (never the widest
+    ``Linear``, which inside a base model may be an input projection)."""
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
         try:
@@ -172,6 +266,9 @@ def _find_unembed(model: nn.Module, blocks_path: str) -> tuple[Optional[str], Op
                     return name, mod
             return "get_output_embeddings()", out
     vocab = _vocab_size(model)
+    if vocab is None:
+        emb = _input_embedding(model)
+        vocab = int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
     linears = [
         (n, m)
         for n, m in model.named_modules()
@@ -181,6 +278,8 @@ def _find_unembed(model: nn.Module, blocks_path: str) -> tuple[Optional[str], Op
         matches = [(n, m) for n, m in linears if m.out_features == vocab]
         if matches:
             return matches[-1]
+    if strict:
+        return None, None
     wide = [(n, m) for n, m in linears if m.out_features > m.in_features]
     if wide:
         best = max(m.out_features for _, m in wide)
@@ -267,7 +366,7 @@ def find_model_parts(
             notes.append("no unembedding found: only similarity metrics are available (pass unembed='path' if wrong)")
 
     if final_norm is not None:
-        norm_path, norm_mod = (final_norm, _get(model, final_norm, "final_norm")) if final_norm else (None, None)
+        norm_path, norm_mod = _final_path(model, final_norm)
     else:
         norm_path, norm_mod = _find_final_norm(model, blocks_path, unembed_path)
         if norm_mod is None:
@@ -316,3 +415,335 @@ def model_summary(model: nn.Module, parts: ModelParts) -> dict:
         "vocab": int(vocab) if vocab else None,
         "params": int(sum(p.numel() for p in model.parameters())),
     }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# finding the language model inside a LightningModule (or any wrapper)
+
+_INPUT_NAMES = ("input_ids", "idx", "ids", "tokens", "token_ids", "input_tokens", "x", "input", "inputs")
+_UNIMPLEMENTED = ("_forward_unimplemented", "Module._forward_unimplemented", "LightningModule.forward")
+_TAKES_IDS: dict = {}
+
+
+def _takes_input_ids(module: nn.Module) -> bool:
+    """Has a forward of its own whose first argument is the token ids (named ``input_ids``, ``idx``, ``x``, …)."""
+    cls = type(module)
+    if cls not in _TAKES_IDS:
+        forward = getattr(cls, "forward", None)
+        ok = forward is not None and getattr(forward, "__qualname__", "") not in _UNIMPLEMENTED
+        if ok:
+            try:
+                params = list(inspect.signature(forward).parameters.values())[1:]  # drop self
+            except (TypeError, ValueError):
+                params = []
+            positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            ok = any(p.name == "input_ids" for p in params) or bool(positional and positional[0].name in _INPUT_NAMES)
+        _TAKES_IDS[cls] = ok
+    return _TAKES_IDS[cls]
+
+
+def _input_embedding(module: nn.Module) -> Optional[nn.Module]:
+    get_in = getattr(module, "get_input_embeddings", None)
+    if callable(get_in):
+        with contextlib.suppress(Exception):
+            emb = get_in()
+            if isinstance(emb, nn.Module):
+                return emb
+    return next((m for m in module.modules() if isinstance(m, nn.Embedding)), None)
+
+
+def _why_not_lm(module: nn.Module) -> Optional[str]:
+    """None when ``module`` has the shape of a language model, else what it lacks."""
+    if not _takes_input_ids(module):
+        return "no forward taking input_ids"
+    if _input_embedding(module) is None:
+        return "no input embedding"
+    try:
+        blocks_path, _ = _find_blocks(module)
+    except ModelPartsError as err:
+        if "cannot decide" not in str(err):
+            return "no block list"
+        blocks_path = ""
+    if _find_unembed(module, blocks_path, strict=True)[1] is None:
+        return "no unembedding onto the vocabulary"
+    return None
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def find_language_model(module: nn.Module, model_attr: Optional[str] = None) -> nn.Module:
+    """The language model inside ``module`` (a LightningModule or any wrapper), found structurally.
+
+    ``model_attr`` (a dotted path, ``""`` for ``module`` itself) wins. Otherwise the candidates are the submodules
+    (``module`` included) that own a block list, an input embedding and an unembedding onto the vocabulary and whose
+    ``forward`` takes the token ids; the smallest wins (one holding no other candidate). So an HF model kept in
+    ``self.net``, ``self.lm``, ``self.backbone`` or ``self.wrapper.model`` is found, as is a module that *is* the
+    model (blocks and head as its own attributes, with a ``forward``). Several disjoint candidates (a policy and a
+    frozen reference model): the only trainable one, else a :class:`ModelPartsError` naming them.
+    """
+    root = unwrap_model(module)
+    if model_attr is not None:
+        if model_attr == "":
+            return root
+        try:
+            return root.get_submodule(model_attr)
+        except AttributeError:
+            raise ModelPartsError(
+                f"model_attr={model_attr!r} is not a submodule of {type(root).__name__}; its children are "
+                f"{[n for n, _ in root.named_children()]}"
+            ) from None
+    found = [(name, sub) for name, sub in root.named_modules() if _why_not_lm(sub) is None]
+    minimal = [(n, m) for n, m in found
+               if not any(o != n and (n == "" or o.startswith(n + ".")) for o, _ in found)]
+    if len(minimal) > 1:
+        trainable = [(n, m) for n, m in minimal if _trainable(m)]
+        minimal = trainable if len(trainable) == 1 else minimal
+    if len(minimal) == 1:
+        return minimal[0][1]
+    label = lambda n: repr(n) if n else "'' (the module itself)"  # noqa: E731
+    if minimal:
+        raise ModelPartsError(
+            f"{type(root).__name__} holds several language models: {', '.join(label(n) for n, _ in minimal)}. "
+            "Pass model_attr='<one of these>' to choose the one to probe."
+        )
+    near = [(n, _why_not_lm(m)) for n, m in root.named_modules()
+            if any(isinstance(c, (nn.ModuleList, nn.Sequential)) for c in m.children())][:8]
+    raise ModelPartsError(
+        f"found no language model in {type(root).__name__}: no submodule owns a block list, an input embedding and "
+        "an unembedding onto the vocabulary, with a forward taking the token ids (input_ids). "
+        + (f"Closest: {', '.join(f'{label(n)} ({why})' for n, why in near)}. " if near else "")
+        + "Pass model_attr='path.to.lm' (and blocks=/final_norm=/unembed= if its parts are unusual)."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# proving the parts against the model's own logits
+
+_RTOL = {torch.float64: 1e-3, torch.float32: 1e-3}
+_RTOL_HALF = 3e-2
+
+
+def _proof_tolerance(logits: torch.Tensor) -> float:
+    """Allowed max |Δlogit|: relative to the logit scale, looser for half precision (bf16 has 8 mantissa bits)."""
+    rtol = _RTOL.get(logits.dtype, _RTOL_HALF)
+    return rtol * (1.0 + float(logits.detach().abs().max()))
+
+
+class _CallOrder:
+    """Forward pre/post hooks on every module of ``model``: the order in which the last call of each began and
+    ended, and the size of its output's last dimension."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.began: dict = {}
+        self.ended: dict = {}
+        self.width: dict = {}
+        self.clock = 0
+        self.handles: list = []
+
+    def __enter__(self):
+        for name, module in self.model.named_modules():
+            if not name:
+                continue
+            self.handles.append(module.register_forward_pre_hook(self._pre(name)))
+            self.handles.append(module.register_forward_hook(self._post(name)))
+        return self
+
+    def _pre(self, name):
+        def hook(module, args):
+            self.clock += 1
+            self.began[name] = self.clock
+
+        return hook
+
+    def _post(self, name):
+        def hook(module, args, output):
+            self.clock += 1
+            self.ended[name] = self.clock
+            out = output if isinstance(output, torch.Tensor) else None
+            self.width[name] = int(out.shape[-1]) if out is not None and out.dim() > 0 else None
+
+        return hook
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        return False
+
+    def between(self, after: str, before: str) -> list:
+        """The outermost modules whose last call ran wholly after ``after`` ended and before ``before`` began."""
+        t0, t1 = self.ended.get(after), self.began.get(before)
+        if t0 is None or t1 is None:
+            return []
+        inside = [n for n, t in self.began.items() if t > t0 and self.ended.get(n, t1) < t1]
+        outer = [n for n in inside if not any(o != n and n.startswith(o + ".") for o in inside)]
+        return sorted(outer, key=lambda n: self.began[n])
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower() or isinstance(module, nn.LayerNorm)
+
+
+def _final_path_candidates(model: nn.Module, parts: ModelParts, order: _CallOrder) -> list:
+    """Final paths to try, best guess first: the structural guess, the modules the forward ran between the last block
+    and the unembedding (all, parameterised only, norms only), each norm outside the blocks (last first), none."""
+    names = {id(m): n for n, m in model.named_modules()}
+    last_block = names.get(id(parts.blocks[-1])) if parts.blocks else None
+    unembed = names.get(id(parts.unembed))
+    ran = order.between(last_block, unembed) if last_block is not None and unembed is not None else []
+    mods = dict(model.named_modules())
+    ran = [n for n in ran if next(mods[n].parameters(), None) is not None or _is_norm(mods[n])]
+    norms_after = [n for n in ran if _is_norm(mods[n])]
+    all_norms = [n for n, m in model.named_modules() if n and _is_norm(m) and not any(True for _ in m.children())
+                 and not _is_inside(n, parts.blocks_path) and not _is_inside(n, parts.unembed_path)]
+    cands = ([parts.final_norm_path.split(",")] if parts.final_norm_path else []) + [ran, norms_after]
+    parent = (parts.unembed_path or "").rpartition(".")[0]
+    if parent and not _is_inside(parent, parts.blocks_path) and parent in order.began:
+        cands.append([_INPUT_OF + parts.unembed_path])  # a head with functional steps around its modules
+    cands += [[n] for n in reversed(all_norms)] + [[]]
+    out, seen = [], set()
+    for cand in cands:
+        key = ",".join(cand)
+        if key not in seen:
+            seen.add(key)
+            out.append(key)
+    return out
+
+
+def _unembed_candidates(model: nn.Module, parts: ModelParts, order: _CallOrder, vocab: int) -> list:
+    """The discovered unembedding first, then any module outside the blocks whose output is vocabulary-wide and whose
+    call ended last (a head applied after the declared output embedding)."""
+    out = [parts.unembed_path] if parts.unembed_path else []
+    mods = dict(model.named_modules())
+    wide = [n for n, w in order.width.items() if w == vocab and not _is_inside(n, parts.blocks_path)
+            and isinstance(mods.get(n), nn.Linear)]
+    for name in sorted(wide, key=lambda n: order.ended[n], reverse=True):
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def prove_model_parts(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    *,
+    blocks: Optional[str] = None,
+    final_norm: Union[str, Sequence[str], None] = None,
+    unembed: Optional[str] = None,
+    logit_softcap: Optional[float] = None,
+    logit_scale: Optional[float] = None,
+    forward_module=None,
+    readout_context: Optional[Callable[[], ContextManager]] = None,
+) -> ModelParts:
+    """Find the parts of ``model`` and prove them: the last block's output read through the final path and the
+    unembedding must give back the model's own logits on ``input_ids``.
+
+    One forward pass (eval mode, no grad, autocast off, RNG streams and module modes restored) captures the last
+    block's output ``h_L`` and the logits ``z``, and records which modules ran between the last block and the
+    unembedding. Candidates (final path × unembedding; only the given one where ``final_norm=`` / ``unembed=`` is
+    passed) are tried in turn; one passes when ``max |readout(h_L) − z| ≤ rtol · (1 + max |z|)`` over the unmasked
+    positions (rtol 1e-3 in float32, 3e-2 in half precision). Without a soft-cap, a constant factor between the two
+    (a logit scale the config does not declare, or a hidden-state division before the head as in MiniCPM) is
+    measured and kept when it makes the readout pass. The result's ``proof`` records the check.
+
+    Args:
+        model: the language model; input_ids / attention_mask: one small batch (any valid token ids do).
+        blocks, final_norm, unembed, logit_softcap, logit_scale: as for :func:`find_model_parts`.
+        forward_module: what to call for the forward instead of ``model`` (an FSDP root routed to it).
+        readout_context: a zero-argument callable returning a context inside which the readout modules' weights are
+            whole (FSDP); None elsewhere.
+
+    Raises:
+        ModelPartsError: no candidate reproduces the logits (listing each with its error and the arguments to pass),
+            a block runs more than once per forward (looped models), or the forward returns no logits.
+    """
+    from .capture import HiddenStateCapture, model_forward
+    from .probe import _isolated as isolated  # the probe's own isolation: eval, no grad, no autocast, RNG restored
+
+    model = unwrap_model(model)
+    base = find_model_parts(model, blocks, final_norm, unembed, logit_softcap=logit_softcap, logit_scale=logit_scale)
+    if base.unembed is None:
+        base.proof = {"passed": None, "why": "no unembedding: nothing to prove"}
+        return base
+    ctx = readout_context or contextlib.nullcontext
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device) if attention_mask is not None else None
+    with isolated(model), _CallOrder(model) as order, HiddenStateCapture(base, with_input=False) as cap:
+        logits = model_forward(forward_module or model, input_ids, attention_mask)
+    cap.check()
+    h = cap.states[base.n_layers]
+    if logits is None or h is None:
+        raise ModelPartsError(
+            f"{type(model).__name__}.forward returned no logits (or the last block no hidden state), so the parts "
+            "cannot be checked: return a tensor, a tuple whose first item is the logits, or an object with .logits"
+        )
+    if tuple(logits.shape[:-1]) != tuple(h.shape[:-1]):
+        raise ModelPartsError(
+            f"the model's logits {tuple(logits.shape)} do not cover the last block's positions {tuple(h.shape)}: "
+            "call it so that it returns logits for every position (logits_to_keep=0)"
+        )
+    keep = attention_mask.reshape(-1).bool().to(h.device) if attention_mask is not None else None
+    h = h.reshape(-1, h.shape[-1])
+    ref = logits.reshape(-1, logits.shape[-1]).detach()
+    if keep is not None:
+        h, ref = h[keep], ref[keep]
+    ref32 = ref.float()
+    tol = _proof_tolerance(ref)
+    finals = [final_norm if isinstance(final_norm, str) else ",".join(final_norm)] if final_norm is not None \
+        else _final_path_candidates(model, base, order)
+    unembeds = [unembed] if unembed is not None else _unembed_candidates(model, base, order, int(ref.shape[-1]))
+    scale_given = logit_scale is not None
+    tried = []
+    with ctx(), torch.no_grad():
+        for u_path in unembeds:
+            for f_path in finals:
+                norm_path, norm_mod = _final_path(model, f_path)
+                cand = dataclasses.replace(base, final_norm=norm_mod, final_norm_path=norm_path,
+                                           unembed=base.unembed if u_path == base.unembed_path
+                                           else _get(model, u_path, "unembed"), unembed_path=u_path, notes=[])
+                try:
+                    z = cand.readout(h).float()
+                except Exception as err:  # a wrong candidate may not even accept the shape
+                    tried.append((f_path, u_path, f"fails ({type(err).__name__}: {str(err)[:80]})"))
+                    continue
+                if z.shape != ref32.shape:
+                    tried.append((f_path, u_path, f"gives shape {tuple(z.shape)}"))
+                    continue
+                diff = float((z - ref32).abs().max())
+                fitted = None
+                if not diff <= tol and cand.logit_softcap is None and not scale_given:
+                    denom = float((z * z).sum())
+                    factor = float((z * ref32).sum()) / denom if denom > 0 else 0.0
+                    if factor and math.isfinite(factor):
+                        scaled = float((z * factor - ref32).abs().max())
+                        if scaled <= tol:
+                            fitted, diff = factor, scaled
+                tried.append((f_path, u_path, f"max |Δlogit| {diff:.3g}"))
+                if diff <= tol:
+                    if fitted is not None:
+                        cand.logit_scale = (cand.logit_scale or 1.0) * fitted
+                        cand.notes.append(f"logit scale {cand.logit_scale:.6g} measured from the model's logits")
+                    if f_path != (base.final_norm_path or "") or u_path != base.unembed_path:
+                        cand.notes.append(f"the structural guess (final_norm={base.final_norm_path!r}, unembed="
+                                          f"{base.unembed_path!r}) did not reproduce the logits; using final_norm="
+                                          f"{f_path!r}, unembed={u_path!r}")
+                    cand.notes = [n for n in base.notes if "final norm" not in n] + cand.notes
+                    cand.hidden_size = int(h.shape[-1])
+                    cand.proof = {"passed": True, "max_abs_diff": diff, "tolerance": tol, "tokens": int(ref.shape[0]),
+                                  "candidates_tried": len(tried)}
+                    return cand
+    lines = "; ".join(f"final_norm={f!r} unembed={u!r}: {what}" for f, u, what in tried[:12])
+    given = "the given final_norm=/unembed= do not" if (final_norm is not None or unembed is not None) \
+        else "no candidate readout does"
+    raise ModelPartsError(
+        f"{given} reproduce {type(model).__name__}'s own logits from its last block's output (blocks="
+        f"{base.blocks_path!r}, tolerance {tol:.3g}). Tried {lines}. Pass final_norm='path' (several modules "
+        "applied in order: 'a,b'; none: ''), unembed='path', blocks='path' or logit_scale=/logit_softcap= to name "
+        "the model's real readout. (A model that adds the residual outside its blocks, x = x + block(x), has blocks "
+        "whose outputs are not hidden states: point blocks= at modules that return the whole hidden state.)"
+    )

@@ -114,8 +114,8 @@ class SharedHead:
         return self.parts.transform_logits(z)
 
     @property
-    def d_model(self) -> int:
-        return int(_unembed_weight(self.parts).shape[1])
+    def d_model(self) -> int:  # the blocks' width (a final path may project it, as OPT's project_out)
+        return int(getattr(self.parts, "hidden_size", None) or _unembed_weight(self.parts).shape[1])
 
     @property
     def vocab(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from contextlib import nullcontext as _null
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ..capture import first_tensor
-from ..model_parts import ModelPartsError, find_model_parts
+from ..distributed import probe_forward_target, readout_context_factory
+from ..model_parts import ModelPartsError, find_language_model, find_model_parts, prove_model_parts
 from ..readouts import (
     HEAD_KINDS,
     OBJECTIVES,
@@ -24,7 +26,6 @@ from ..readouts import (
     save_exit_heads,
 )
 from ..sinks.loggers import log_to_loggers
-from .probe import find_language_model
 
 __all__ = ["ExitHeads", "load_exit_heads"]
 
@@ -84,7 +85,8 @@ class ExitHeads(Callback):
         grad_clip: clip the heads' gradient norm (per kind) to this value; None for no clipping.
         mlp_hidden: width of the ``mlp`` heads (default d).
         seed: seed of the token sample and of the ``mlp`` initialisation.
-        model_attr, blocks, final_norm, unembed: as for ``EarlyExitProbe``.
+        model_attr, blocks, final_norm, unembed: as for ``EarlyExitProbe`` (the language model is found structurally
+            and its parts are proven at fit start on a few seeded random token ids against the model's own logits).
         save_dir: when set, ``save()`` the heads there at the end of fit and point every ``EarlyExitProbe``'s
             ``heads_dir`` at it (the W&B artifact then includes the heads).
         log_every_n_steps: optimizer steps between logged training losses.
@@ -231,12 +233,14 @@ class ExitHeads(Callback):
         self._pending_state = None
 
     # ------------------------------------------------------------------ building
-    def build(self, lm: torch.nn.Module, device=None, total_steps: Optional[int] = None) -> dict:
+    def build(self, lm: torch.nn.Module, device=None, total_steps: Optional[int] = None, parts=None) -> dict:
         """Build the heads for language model ``lm`` (idempotent), their optimizer and schedule; apply any state
-        restored before the heads existed. Returns ``{kind: readout}``."""
+        restored before the heads existed. ``parts``: ``lm``'s (proven) parts, found when None. Returns
+        ``{kind: readout}``."""
         if self.heads is not None and self._lm is lm:
             return dict(self.heads.items())
-        parts = find_model_parts(lm, **self.part_paths)
+        if parts is None:
+            parts = find_model_parts(lm, **self.part_paths)
         if parts.unembed is None:
             raise ModelPartsError("ExitHeads needs the model's unembedding (LM head) to train exit heads; pass "
                                   "unembed='path.to.lm_head' if discovery missed it")
@@ -384,8 +388,28 @@ class ExitHeads(Callback):
             total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         if total is not None and not (0 < total < 2**62):
             total = None
-        self.build(lm, device=pl_module.device, total_steps=total)
+        parts = None
+        if self.heads is None or self._lm is not lm:
+            parts = self._prove(trainer, pl_module, lm)
+        self.build(lm, device=pl_module.device, total_steps=total, parts=parts)
         self._register_hooks()
+
+    def _prove(self, trainer: Trainer, pl_module: LightningModule, lm: torch.nn.Module):
+        """``lm``'s parts, proven against its own logits on seeded random token ids (a private generator: the global
+        RNG streams are untouched)."""
+        parts = find_model_parts(lm, **self.part_paths)
+        if parts.unembed is None:
+            return parts
+        full = readout_context_factory(trainer, pl_module, lm, parts)
+        emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
+        with full() if full is not None else _null():
+            rows = getattr(getattr(emb, "weight", None), "shape", (0,))[0] or getattr(emb, "num_embeddings", 0)
+        vocab = int(rows) or int(getattr(getattr(lm, "config", None), "vocab_size", 0) or 2)
+        gen = torch.Generator().manual_seed(self.seed)
+        ids = torch.randint(0, vocab, (2, 16), generator=gen)
+        target = probe_forward_target(trainer, pl_module, lm)
+        return prove_model_parts(lm, ids, None, **self.part_paths, forward_module=None if target is lm else target,
+                                 readout_context=full)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         if self.heads is None or trainer.sanity_checking:

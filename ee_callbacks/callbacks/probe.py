@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -15,30 +16,15 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ..distributed import param_count, probe_forward_target, probe_shard, readout_context_factory, wrapped_root
-from ..model_parts import ModelPartsError, find_model_parts
+from ..model_parts import find_language_model, find_model_parts, prove_model_parts
 from ..probe import ProbeConfig, prepare_batches, run_probe
 from ..probe_data import draw_probe_set, preserved_rng
 from ..records import append_record, read_records
 from ..sinks.loggers import flatten_record_metrics, format_record_table, log_to_loggers
 
-__all__ = ["EarlyExitProbe", "draw_probe_set", "preserved_rng", "find_language_model"]
+__all__ = ["EarlyExitProbe", "default_records_path", "draw_probe_set", "preserved_rng", "find_language_model"]
 
 log = logging.getLogger("ee_callbacks")
-
-
-def find_language_model(pl_module: torch.nn.Module, model_attr: Optional[str] = None) -> torch.nn.Module:
-    """The language model inside a LightningModule: ``model_attr`` if given, else ``.model``, else the module."""
-    if model_attr:
-        try:
-            return pl_module.get_submodule(model_attr)
-        except AttributeError:
-            raise ModelPartsError(
-                f"model_attr={model_attr!r} is not a submodule of {type(pl_module).__name__}"
-            ) from None
-    inner = getattr(pl_module, "model", None)
-    if isinstance(inner, torch.nn.Module):
-        return inner
-    return pl_module
 
 
 class EarlyExitProbe(Callback):
@@ -58,6 +44,10 @@ class EarlyExitProbe(Callback):
       and ``<p>/summary/skip_at_consistency_<c>/<rule>``;
     - ``<p>/heads/<kind>/<metric>/layer_<ℓ:02d>`` for trained exit heads (see ``ExitHeads``).
 
+    Every key is also written into ``trainer.callback_metrics`` on every rank after each probe (not through
+    ``LightningModule.log``), so ``ModelCheckpoint(monitor="ee/summary/eas", mode="max")`` and
+    ``EarlyStopping(monitor=...)`` see the latest probe's values like any logged metric.
+
     Args:
         every_n_steps: probe every this many optimizer steps (> 0).
         probe_data: a LongTensor (N, T), a dataset, a DataLoader, or a dict ``{set name: one of those}`` for
@@ -65,13 +55,20 @@ class EarlyExitProbe(Callback):
         probe_sequences: sequences per probe set (drawn once, seeded).
         seq_len: cut probe sequences to this many tokens.
         config: :class:`~ee_callbacks.ProbeConfig` or a mapping of its fields.
-        output_path: the JSONL file; default ``<trainer.log_dir>/ee_probes.jsonl`` (``default_root_dir`` without
-            logger).
+        output_path: the JSONL file; default ``ee_probes.jsonl`` in the run's own directory (see
+            :func:`default_records_path`: the W&B run directory, a TensorBoard/CSV logger's version directory,
+            ``<default_root_dir>/ee_probes/<logger name>/<version>/`` for other loggers, ``default_root_dir``
+            without logger), so two logged runs never share a file.
         seed: seed of the probe-set draw.
         batch_size: probe sequences per forward batch.
         probe_at_start / probe_at_end: also probe at step 0 and after the last step.
-        model_attr: dotted path of the language model inside the LightningModule (default ``.model`` or itself).
-        blocks / final_norm / unembed: dotted paths (relative to the language model) overriding part discovery.
+        model_attr: dotted path of the language model inside the LightningModule (``""``: the module itself); by
+            default found structurally (:func:`~ee_callbacks.model_parts.find_language_model`).
+        blocks / final_norm / unembed: dotted paths (relative to the language model) overriding part discovery
+            (``final_norm="a,b"``: several modules applied in order; ``""``: none). At fit start the parts are proven
+            on one probe batch (the last block's output read through them must give the model's own logits); a
+            readout that does not reproduce them stops the fit with a :class:`ModelPartsError` naming what was
+            tried.
         print_table: print a compact layer × agree/kl/ce table at the end of fit.
         readouts: extra readouts ``{kind: readout}`` to evaluate, or a callable returning them (``ExitHeads``
             registers its heads here itself).
@@ -150,7 +147,11 @@ class EarlyExitProbe(Callback):
     # ------------------------------------------------------------------ identity / state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, output_path=str(self.output_path))
+        # what the probe measures, never where its records go: a run resumed into a new directory keeps its history
+        names = sorted(map(str, self.probe_data)) if isinstance(self.probe_data, Mapping) \
+            and not _looks_like_batch(self.probe_data) else None
+        return self._generate_state_key(every_n_steps=self.every_n_steps, probe_sequences=self.probe_sequences,
+                                        seq_len=self.seq_len, seed=self.seed, sets=names, data_name=self.data_name)
 
     def state_dict(self) -> dict:
         return {
@@ -200,29 +201,28 @@ class EarlyExitProbe(Callback):
             "val_dataloader()"
         )
 
-    def _run_dir(self, trainer: Trainer) -> Path:
-        if self.output_path is not None:
-            return self.output_path
-        log_dir = trainer.log_dir if trainer.loggers else trainer.default_root_dir
-        return Path(log_dir or trainer.default_root_dir) / "ee_probes.jsonl"
-
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._path = self._run_dir(trainer)  # log_dir broadcasts: every rank calls it
+        if self.output_path is not None:
+            self._path = self.output_path
+        elif trainer.is_global_zero:  # only global rank zero writes; the W&B run exists there only
+            self._path = default_records_path(trainer)
         if trainer.is_global_zero:
             _check_writable(self._path)
         self._lm = find_language_model(pl_module, self.model_attr)
-        self._parts = find_model_parts(self._lm, **self.part_paths)
         self._sets = self._resolve_sets(trainer, pl_module)
         # validate now (clear error at fit start, not at step 10,000)
-        full = readout_context_factory(trainer, pl_module, self._lm, self._parts)  # None unless FSDP
+        parts = find_model_parts(self._lm, **self.part_paths)
+        full = readout_context_factory(trainer, pl_module, self._lm, parts)  # None unless FSDP
         with full() if full is not None else contextlib.nullcontext():
             emb = self._lm.get_input_embeddings() if hasattr(self._lm, "get_input_embeddings") else None
             vocab = int(emb.weight.shape[0]) if emb is not None and hasattr(emb, "weight") else None
+        prepared = {}
         for name, batches in self._sets.items():
             try:
-                prepare_batches(batches, vocab)
+                prepared[name] = prepare_batches(batches, vocab)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"EarlyExitProbe probe set {name!r}: {err}") from None
+        self._parts = self._prove(trainer, pl_module, prepared, parts)
         if self._parts.notes:
             for note in self._parts.notes:
                 log.warning("EarlyExitProbe: %s", note)
@@ -230,6 +230,20 @@ class EarlyExitProbe(Callback):
             self._extras = _make_wandb_extras(trainer, self.wandb_images)
             if self._extras is not None:
                 self._safe(lambda: self._extras.log_config(self._wandb_logger(trainer), self._config_payload()), "wandb")
+
+    def _prove(self, trainer: Trainer, pl_module: LightningModule, prepared: dict, parts):
+        """The parts, proven on the first rows of the first probe batch against the model's own logits."""
+        if parts.unembed is None or not prepared:
+            return parts
+        batch = next(iter(prepared.values()))[0]
+        rows = slice(0, min(2, int(batch["input_ids"].shape[0])))
+        mask = batch["attention_mask"]
+        target = probe_forward_target(trainer, pl_module, self._lm)
+        return prove_model_parts(
+            self._lm, batch["input_ids"][rows], mask[rows] if mask is not None else None, **self.part_paths,
+            forward_module=None if target is self._lm else target,
+            readout_context=readout_context_factory(trainer, pl_module, self._lm, parts),
+        )
 
     def _config_payload(self) -> dict:
         return {
@@ -335,8 +349,10 @@ class EarlyExitProbe(Callback):
                 record.run = {**_run_info(trainer), **self.run_info}
                 if self.run_info.get("name"):  # the run's own model name (e.g. llama_tiny), not the HF model type
                     record.model["name"] = str(self.run_info["name"])
+                data = record.to_dict()
+                _publish_callback_metrics(trainer, flatten_record_metrics(data, _prefix(name)))
                 if trainer.is_global_zero:
-                    self._emit(trainer, name, record, time.perf_counter() - t0)
+                    self._emit(trainer, name, data, time.perf_counter() - t0)
         self.last_probe_step = step
 
     def _write(self, record) -> dict:
@@ -359,8 +375,7 @@ class EarlyExitProbe(Callback):
         data = self._write(record)
         self.last_records[name] = data
         self.history.append({"set": name, "step": data["step"], "summary": data["summary"], "layers": data["layers"]})
-        prefix = "ee" if name == "default" else f"ee/{name}"
-        metrics = flatten_record_metrics(data, prefix)
+        metrics = flatten_record_metrics(data, _prefix(name))
         if self._extras is not None:  # hidden/visible and summary modes must be declared before the first log
             self._safe(lambda: self._extras.define_metrics(self._wandb_logger(trainer), metrics, name), "wandb")
         failures = log_to_loggers(trainer.loggers, metrics, step=int(trainer.global_step))
@@ -426,6 +441,54 @@ class EarlyExitProbe(Callback):
         if key not in self._sink_failures:
             self._sink_failures.add(key)
             warnings.warn(message, RuntimeWarning)
+
+
+def _prefix(set_name: str) -> str:
+    return "ee" if set_name == "default" else f"ee/{set_name}"
+
+
+def _publish_callback_metrics(trainer: Trainer, metrics: Mapping) -> None:
+    """Put the probe's figures where ModelCheckpoint / EarlyStopping look (every rank: they decide on every rank).
+    Lightning keeps ``trainer.callback_metrics`` until the next fit, so a monitor sees the latest probe's value."""
+    store = trainer.callback_metrics
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            store[key] = torch.tensor(float(value))
+
+
+def default_records_path(trainer: Trainer) -> Path:
+    """Where a run's ``ee_probes.jsonl`` goes when ``output_path`` is not given (call on global rank zero):
+
+    - a ``WandbLogger``: the W&B run's own directory (``wandb/run-<time>-<id>/files``, synced with the run);
+    - a ``TensorBoardLogger`` / ``CSVLogger``: its ``log_dir`` (``<save_dir>/<name>/version_<n>``);
+    - any other logger: ``<default_root_dir>/ee_probes/<logger name>/<version or run id>/``;
+    - no logger: ``default_root_dir`` itself (as Lightning's own checkpoints: without a logger there is no run
+      identity, so the directory is the run's; give each run its own, or pass ``output_path``).
+    """
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    root = Path(trainer.default_root_dir)
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger):
+            with contextlib.suppress(Exception):
+                run_dir = getattr(lg.experiment, "dir", None)
+                if run_dir:
+                    return Path(run_dir) / "ee_probes.jsonl"
+    for lg in trainer.loggers:
+        if isinstance(lg, (TensorBoardLogger, CSVLogger)) and lg.log_dir:
+            return Path(lg.log_dir) / "ee_probes.jsonl"
+    for lg in trainer.loggers:
+        with contextlib.suppress(Exception):
+            name, version = lg.name, lg.version
+            if version is not None:
+                return root / "ee_probes" / _safe_name(name or type(lg).__name__) / _safe_name(version) \
+                    / "ee_probes.jsonl"
+    return root / "ee_probes.jsonl"
+
+
+def _safe_name(value) -> str:
+    text = str(value).strip().replace(os.sep, "_")
+    return text if text and text not in (".", "..") else "run"
 
 
 def _check_writable(path: Path) -> None:
