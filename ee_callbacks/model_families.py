@@ -20,9 +20,9 @@ from typing import Optional
 
 import torch
 
-from .model_parts import ModelPartsError, prove_model_parts
+from .model_parts import ModelPartsError, find_language_model, prove_model_parts
 
-__all__ = ["FamilyResult", "TINY_SIZES", "causal_lm_families", "check_family", "tiny_config"]
+__all__ = ["FamilyResult", "TINY_SIZES", "causal_lm_families", "check_family", "coverage", "tiny_config"]
 
 VOCAB = 96
 MAX_PARAMS = 3_000_000  # a family whose generic small config still builds more than this is left out (CI memory)
@@ -33,7 +33,7 @@ TINY_SIZES = {
     "num_hidden_layers": 2, "n_layer": 2, "n_layers": 2, "num_layers": 2, "decoder_layers": 2, "encoder_layers": 2,
     "num_decoder_layers": 2,
     "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4, "decoder_attention_heads": 4,
-    "encoder_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "kv_channels": 8,
+    "encoder_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "kv_channels": 8, "rotary_dim": 8,
     "intermediate_size": 64, "ffn_dim": 64, "decoder_ffn_dim": 64, "encoder_ffn_dim": 64, "n_inner": 64,
     "dim_ff": 64, "d_ff": 64, "ffn_hidden_size": 64,
     "max_position_embeddings": 64, "n_positions": 64, "n_ctx": 64, "max_seq_len": 64, "seq_length": 64,
@@ -44,8 +44,18 @@ TINY_SIZES = {
     "state_size": 8, "ssm_state_size": 8, "mamba_d_state": 8, "mamba_n_heads": 4, "mamba_d_head": 16,
     "mamba_n_groups": 1, "mamba_expand": 2, "n_groups": 1, "conv_kernel": 4, "expand": 2, "time_step_rank": 4,
     "sliding_window": 16, "attention_window_size": 16, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-    "decoder_start_token_id": 1,
+    "decoder_start_token_id": 1, "is_decoder": True,
 }
+
+# tried in turn when the sizes above do not build or run a family: let the config derive its head sizes itself
+# (multi-head latent attention, partial rotary), then the same with wider heads
+FALLBACKS = (
+    {"head_dim": None, "kv_channels": None, "qk_rope_head_dim": None, "qk_nope_head_dim": None, "v_head_dim": None,
+     "kv_lora_rank": None, "q_lora_rank": None, "num_key_value_heads": 4},
+    {"hidden_size": 64, "n_embd": 64, "d_model": 64, "embed_dim": 64, "dim": 64, "head_dim": 16, "kv_channels": 16,
+     "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16, "num_key_value_heads": 4,
+     "intermediate_size": 128, "moe_intermediate_size": 64},
+)
 
 
 @dataclass
@@ -56,6 +66,12 @@ class FamilyResult:
     why: str = ""
     parts: Optional[dict] = None
     seconds: float = 0.0
+
+
+def coverage(results) -> tuple[int, int]:
+    """(resolved, buildable) over :class:`FamilyResult` s: buildable = resolved + refused."""
+    resolved = sum(r.status == "resolved" for r in results)
+    return resolved, resolved + sum(r.status == "refused" for r in results)
 
 
 def causal_lm_families() -> dict:
@@ -72,70 +88,87 @@ def _init_params(cls) -> Optional[set]:
     return set(params)
 
 
-def tiny_config(model_type: str):
-    """The family's config with :data:`TINY_SIZES` where it takes them (also inside its sub-configs)."""
+def tiny_config(model_type: str, changes: Optional[dict] = None):
+    """The family's config with :data:`TINY_SIZES` (updated by ``changes``; None drops a size) where it takes them,
+    also inside its sub-configs."""
     from transformers import AutoConfig, CONFIG_MAPPING
 
+    sizes = {k: v for k, v in {**TINY_SIZES, **(changes or {})}.items() if v is not None}
     cls = CONFIG_MAPPING[model_type]
     known = _init_params(cls)
-    kwargs = {k: v for k, v in TINY_SIZES.items() if known is not None and k in known}
+    kwargs = {k: v for k, v in sizes.items() if known is not None and k in known}
     for key, sub_cls in (getattr(cls, "sub_configs", None) or {}).items():
         if known is not None and key in known and inspect.isclass(sub_cls):
             sub_known = _init_params(sub_cls)
             if sub_known is not None:
-                kwargs[key] = {k: v for k, v in TINY_SIZES.items() if k in sub_known}
+                kwargs[key] = {k: v for k, v in sizes.items() if k in sub_known}
     return AutoConfig.for_model(model_type, **kwargs)
 
 
 def check_family(model_type: str, seq_len: int = 12, seed: int = 0) -> FamilyResult:
-    """Build ``model_type`` tiny, find its language model's parts with no hints and prove them (see module doc)."""
-    import transformers
-
+    """Build ``model_type`` tiny, find its language model and that model's parts with no hints (as the callbacks do
+    on a LightningModule holding it) and prove them (see the module doc)."""
     name = causal_lm_families()[model_type]
     t0 = time.perf_counter()
     result = FamilyResult(model_type, name, "unbuildable")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config = tiny_config(model_type)
-            cls = getattr(transformers, name)
-            with torch.device("meta"):  # size it first: some configs keep large defaults (vision towers, vocab)
-                n_params = sum(p.numel() for p in cls(config).parameters())
-            if n_params > MAX_PARAMS:
-                result.why = f"a generic small config still builds {n_params / 1e6:.1f} M parameters (left out)"
-                result.seconds = time.perf_counter() - t0
-                return result
-            torch.manual_seed(seed)
-            model = cls(config).eval()
-    except Exception as err:  # a family a generic small config cannot build
-        result.why = f"does not build from a generic small config: {type(err).__name__}: {_short(err)}"
+    first_error = None
+    for changes in ({},) + FALLBACKS:
+        model, ids, error = _build_and_run(name, model_type, changes, seq_len, seed)
+        if model is not None:
+            break
+        first_error = first_error or error
+    if model is None:
+        result.why = first_error
         result.seconds = time.perf_counter() - t0
         return result
-    vocab = _input_vocab(model)
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, max(4, min(vocab, VOCAB)), (2, seq_len), generator=gen)
     mask = torch.ones_like(ids)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with torch.no_grad():
-                _plain_forward(model, ids, mask)
-    except Exception as err:  # needs pixel values, audio, an encoder's output, a kernel package …
-        result.why = f"does not run on input_ids alone: {type(err).__name__}: {_short(err)}"
-        result.seconds = time.perf_counter() - t0
-        return result
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            parts = prove_model_parts(model, ids, mask)
+            lm = find_language_model(model)
+            parts = prove_model_parts(lm, ids, mask)
         result.status, result.parts = "resolved", parts.describe()
-        result.why = "; ".join(parts.notes)
+        found = [] if lm is model else [f"language model: {type(lm).__name__} inside it"]
+        result.why = "; ".join(found + parts.notes)
     except Exception as err:
         result.status = "refused"
         result.why = f"{type(err).__name__}: {_short(err, 400)}" if not isinstance(err, ModelPartsError) \
             else _short(err, 400)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _build_and_run(name: str, model_type: str, changes: dict, seq_len: int, seed: int):
+    """(model, token ids, None) when the family builds from the sizes and runs on token ids, else (None, None, why)."""
+    import transformers
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = tiny_config(model_type, changes)
+            cls = getattr(transformers, name)
+            wanted = getattr(cls, "config_class", None)
+            if wanted is not None and not isinstance(config, wanted) and hasattr(config, "get_text_config"):
+                config = config.get_text_config()  # a composite config whose causal LM takes the text part
+            with torch.device("meta"):  # size it first: some configs keep large defaults (vision towers, vocab)
+                n_params = sum(p.numel() for p in cls(config).parameters())
+            if n_params > MAX_PARAMS:
+                return None, None, f"a generic small config still builds {n_params / 1e6:.1f} M parameters (left out)"
+            torch.manual_seed(seed)
+            model = cls(config).eval()
+    except Exception as err:  # a family a generic small config cannot build
+        return None, None, f"does not build from a generic small config: {type(err).__name__}: {_short(err)}"
+    vocab = _input_vocab(model)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, max(4, min(vocab, VOCAB)), (2, seq_len), generator=gen)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                _plain_forward(model, ids, torch.ones_like(ids))
+    except Exception as err:  # needs pixel values, audio, an encoder's output, a kernel package …
+        return None, None, f"does not run on input_ids alone: {type(err).__name__}: {_short(err)}"
+    return model, ids, None
 
 
 def _plain_forward(model, ids, mask):

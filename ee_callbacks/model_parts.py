@@ -119,8 +119,8 @@ class ModelParts:
     def readout_modules(self) -> list:
         """The model's own modules a readout runs (the final path's members and the unembedding)."""
         norm = self.final_norm
-        mods = list(norm) if isinstance(norm, FinalPath) else [norm.parent] if isinstance(norm, InputOf) \
-            else ([norm] if norm is not None else [])
+        mods = list(norm) if isinstance(norm, FinalPath) else ([norm] if norm is not None else [])
+        mods = [m.parent if isinstance(m, InputOf) else m for m in mods]
         return mods + ([self.unembed] if self.unembed is not None else [])
 
 
@@ -188,27 +188,30 @@ _INPUT_OF = "input_of:"
 
 def _final_path(model: nn.Module, spec) -> tuple[Optional[str], Optional[nn.Module]]:
     """``final_norm=`` as given: "" (none), one dotted path, or several (a list, or comma-separated) run in order;
-    ``"input_of:lm_head.decoder"``: what ``lm_head`` feeds into ``lm_head.decoder`` (see :class:`InputOf`)."""
+    an item ``"input_of:lm_head.decoder"`` is what ``lm_head`` feeds into ``lm_head.decoder`` (see :class:`InputOf`)."""
     paths = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else [str(p).strip() for p in spec]
     paths = [p for p in paths if p]
     if not paths:
         return None, None
-    if len(paths) == 1 and paths[0].startswith(_INPUT_OF):
-        child_path = paths[0][len(_INPUT_OF):]
-        parent_path = child_path.rpartition(".")[0]
-        child = _get(model, child_path, "final_norm")
-        return paths[0], InputOf(_get(model, parent_path, "final_norm") if parent_path else model, child, child_path)
-    mods = [_get(model, p, "final_norm") for p in paths]
+    mods = [_input_of(model, p) if p.startswith(_INPUT_OF) else _get(model, p, "final_norm") for p in paths]
     if len(mods) == 1:
         return paths[0], mods[0]
     return ",".join(paths), FinalPath(mods, paths)
+
+
+def _input_of(model: nn.Module, spec: str) -> "InputOf":
+    child_path = spec[len(_INPUT_OF):]
+    parent_path = child_path.rpartition(".")[0]
+    child = _get(model, child_path, "final_norm")
+    return InputOf(_get(model, parent_path, "final_norm") if parent_path else model, child, child_path)
 
 
 def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _find_blocks(model: nn.Module) -> tuple[str, nn.Module]:
+def _find_blocks(model: nn.Module, tied: Optional[list] = None) -> tuple[str, nn.Module]:
+    """The block stack; ``tied`` (a list) receives the paths of equally long and large candidates, if any."""
     lists = [
         (name, mod)
         for name, mod in model.named_modules()
@@ -225,6 +228,8 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.Module]:
             "of parameterised modules. Pass blocks='dotted.path.to.layers' (e.g. blocks='model.layers')."
         )
     ranked = sorted(top, key=lambda nm: (len(nm[1]), _n_params(nm[1])), reverse=True)
+    if len(ranked) > 1 and tied is not None:
+        tied.extend(n for n, m in ranked if len(m) == len(ranked[0][1]) and _n_params(m) == _n_params(ranked[0][1]))
     if len(ranked) > 1:
         (n0, m0), (n1, m1) = ranked[0], ranked[1]
         if len(m0) == len(m1) and _n_params(m0) == _n_params(m1):
@@ -602,12 +607,18 @@ def _final_path_candidates(model: nn.Module, parts: ModelParts, order: _CallOrde
     cands = ([parts.final_norm_path.split(",")] if parts.final_norm_path else []) + [ran, norms_after]
     parent = (parts.unembed_path or "").rpartition(".")[0]
     if parent and not _is_inside(parent, parts.blocks_path) and parent in order.began:
-        cands.append([_INPUT_OF + parts.unembed_path])  # a head with functional steps around its modules
+        # a head with functional steps between its modules (RoBERTa's gelu), after any norm outside the head
+        before = [n for n in ran if not _is_inside(n, parent)]
+        cands += [[_INPUT_OF + parts.unembed_path], before + [_INPUT_OF + parts.unembed_path]]
     cands += [[n] for n in reversed(all_norms)] + [[]]
     out, seen = [], set()
     for cand in cands:
         key = ",".join(cand)
-        if key not in seen:
+        # a module the forward never ran cannot be on the way to the logits (a vision tower's norm in a text-only
+        # forward), however well it fits: at initialisation a LayerNorm is the identity on already normed states
+        ran_all = all((n[len(_INPUT_OF):].rpartition(".")[0] if n.startswith(_INPUT_OF) else n) in order.began
+                      for n in cand)
+        if key not in seen and ran_all:
             seen.add(key)
             out.append(key)
     return out
@@ -661,10 +672,33 @@ def prove_model_parts(
         ModelPartsError: no candidate reproduces the logits (listing each with its error and the arguments to pass),
             a block runs more than once per forward (looped models), or the forward returns no logits.
     """
+    model = unwrap_model(model)
+    args = dict(final_norm=final_norm, unembed=unembed, logit_softcap=logit_softcap, logit_scale=logit_scale,
+                forward_module=forward_module, readout_context=readout_context)
+    tied: list = []
+    if blocks is None:
+        try:
+            _find_blocks(model, tied)
+        except ModelPartsError:
+            if not tied:
+                raise
+    if blocks is not None or not tied:
+        return _prove(model, input_ids, attention_mask, blocks=blocks, **args)
+    # block lists tied in length and size (a vision tower beside the text decoder): the one that proves wins
+    failures = []
+    for path in tied:
+        try:
+            return _prove(model, input_ids, attention_mask, blocks=path, **args)
+        except ModelPartsError as err:
+            failures.append(f"blocks={path!r}: {err}")
+    raise ModelPartsError(f"no block list of {type(model).__name__} gives a proven readout. " + " | ".join(failures))
+
+
+def _prove(model, input_ids, attention_mask, *, blocks, final_norm, unembed, logit_softcap, logit_scale,
+           forward_module, readout_context) -> ModelParts:
     from .capture import HiddenStateCapture, model_forward
     from .probe import _isolated as isolated  # the probe's own isolation: eval, no grad, no autocast, RNG restored
 
-    model = unwrap_model(model)
     base = find_model_parts(model, blocks, final_norm, unembed, logit_softcap=logit_softcap, logit_scale=logit_scale)
     if base.unembed is None:
         base.proof = {"passed": None, "why": "no unembedding: nothing to prove"}
@@ -683,9 +717,17 @@ def prove_model_parts(
             "cannot be checked: return a tensor, a tuple whose first item is the logits, or an object with .logits"
         )
     if tuple(logits.shape[:-1]) != tuple(h.shape[:-1]):
+        if h.dim() != logits.dim():
+            why = "it holds several residual streams (hyper-connections), not one hidden state per position"
+        elif tuple(h.shape[:2]) == tuple(logits.shape[:2])[::-1]:
+            why = "it is laid out (positions, batch), not (batch, positions)"
+        else:
+            why = ("it covers other positions than the logits (a prompt or extra streams the model adds, or logits "
+                   "kept for the last positions only: call it with logits_to_keep=0)")
         raise ModelPartsError(
-            f"the model's logits {tuple(logits.shape)} do not cover the last block's positions {tuple(h.shape)}: "
-            "call it so that it returns logits for every position (logits_to_keep=0)"
+            f"the last block's output {tuple(h.shape)} does not line up with the model's logits "
+            f"{tuple(logits.shape)}: {why}. The probe reads one hidden state per token position; pass blocks='path' "
+            "if another module list holds such states."
         )
     keep = attention_mask.reshape(-1).bool().to(h.device) if attention_mask is not None else None
     h = h.reshape(-1, h.shape[-1])
@@ -730,8 +772,8 @@ def prove_model_parts(
                         cand.notes.append(f"logit scale {cand.logit_scale:.6g} measured from the model's logits")
                     if f_path != (base.final_norm_path or "") or u_path != base.unembed_path:
                         cand.notes.append(f"the structural guess (final_norm={base.final_norm_path!r}, unembed="
-                                          f"{base.unembed_path!r}) did not reproduce the logits; using final_norm="
-                                          f"{f_path!r}, unembed={u_path!r}")
+                                          f"{base.unembed_path!r}) is not the model's readout; proven instead: "
+                                          f"final_norm={f_path!r}, unembed={u_path!r}")
                     cand.notes = [n for n in base.notes if "final norm" not in n] + cand.notes
                     cand.hidden_size = int(h.shape[-1])
                     cand.proof = {"passed": True, "max_abs_diff": diff, "tolerance": tol, "tokens": int(ref.shape[0]),

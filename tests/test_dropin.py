@@ -347,3 +347,49 @@ def test_two_runs_from_one_directory_with_a_lone_wandb_logger_get_two_files(tmp_
     assert len(files) == 2 and not (tmp_path / "ee_probes.jsonl").exists()
     for path in files:
         assert [r["step"] for r in read_records(path)] == [0, 3]
+
+
+CLI_YAML = """\
+seed_everything: 3
+trainer:
+  max_steps: 4
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  limit_val_batches: 0
+  default_root_dir: {root}
+  callbacks:
+    - class_path: ee_callbacks.EarlyExitProbe
+      init_args:
+        every_n_steps: 2
+        probe_sequences: 4
+        print_table: false
+        config:
+          metrics: [lens, saturation, eas]
+          eas_alpha: 0.25
+          chunk_tokens: 512
+    - class_path: ee_callbacks.ExitHeads
+      init_args:
+        kinds: [tuned_lens]
+        max_tokens: 32
+model:
+  class_path: tests.test_dropin.StrangerLM
+  init_args:
+    attr: backbone
+data:
+  class_path: tests.test_dropin.DictDataModule
+"""
+
+
+def test_lightning_cli_yaml_with_nested_probe_config(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "fit.yaml"
+    config.write_text(CLI_YAML.format(root=tmp_path))
+    cli = LightningCLI(args=["fit", "--config", str(config)], save_config_callback=None)
+    probe = next(cb for cb in cli.trainer.callbacks if isinstance(cb, EarlyExitProbe))
+    assert probe.config.eas_alpha == 0.25 and list(probe.config.metrics) == ["lens", "saturation", "eas"]
+    records = read_records(tmp_path / "ee_probes.jsonl")
+    assert [r["step"] for r in records] == [0, 2, 4]
+    assert records[-1]["summary"]["eas_alpha"] == 0.25 and records[-1]["heads"]["tuned_lens"]
