@@ -138,7 +138,8 @@ class TokenizerSchema:
     kind: str = "byte"  # byte | bpe | hf
     vocab_size: int = 4096  # bpe only
     min_frequency: int = 2  # bpe only
-    path: Optional[str] = None  # bpe: a saved tokenizer.json; hf: a local tokenizer directory
+    path: Optional[str] = None  # bpe: a saved tokenizer.json; hf: a local tokenizer directory or a hub id
+    revision: Optional[str] = None  # hf with a hub id only
     cache_dir: Optional[str] = None
 
 
@@ -147,11 +148,12 @@ class ModelSchema:
     name: str = "model"
     family: str = "dense"  # dense | moe | ssm
     arch: str = "llama"  # a transformers model_type, or "pretrained"
-    dropout: float = 0.0
+    dropout: Optional[float] = 0.0  # null (hf_pretrained): keep the checkpoint's dropout
     attn_implementation: Optional[str] = None
     config: Dict[str, Any] = field(default_factory=dict)
     # arch: pretrained only
-    path: Optional[str] = None
+    path: Optional[str] = None  # a local directory or a hub id owner/name (online)
+    revision: Optional[str] = None  # hub ids only: a branch, tag or commit
     gguf_file: Optional[str] = None
     dtype: Optional[str] = None
 

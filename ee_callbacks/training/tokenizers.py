@@ -128,18 +128,17 @@ class BPETokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A local Hugging Face tokenizer directory (no special tokens are added when encoding)."""
+    """A local Hugging Face tokenizer directory, or a hub id at a revision (online; no special tokens are added when
+    encoding)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, revision: str | None = None):
         from transformers import AutoTokenizer
 
+        from .zoo import resolve_pretrained_source
+
         self.path = str(path)
-        if not Path(self.path).exists():
-            raise FileNotFoundError(
-                f"tokenizer=hf: no tokenizer directory at {self.path!r}; set tokenizer.path=<local HF model or "
-                "tokenizer directory> (downloads are not attempted)"
-            )
-        self._backend = AutoTokenizer.from_pretrained(self.path)
+        source, kwargs = resolve_pretrained_source(self.path, revision, what="tokenizer.path")
+        self._backend = AutoTokenizer.from_pretrained(source, **kwargs)
         self.eos_id = self._backend.eos_token_id
         self.name = f"hf:{Path(self.path).name}"
 
@@ -221,5 +220,5 @@ def build_tokenizer(cfg: Mapping[str, Any], corpus: Callable[[], Sequence[str]] 
         path = cfg.get("path")
         if not path:
             raise ValueError("tokenizer=hf needs tokenizer.path=<local Hugging Face model or tokenizer directory>")
-        return HFTokenizer(path)
+        return HFTokenizer(path, cfg.get("revision"))
     raise ValueError(f"unknown tokenizer.kind {kind!r}; expected one of 'byte', 'bpe', 'hf'")

@@ -10,14 +10,16 @@ dropout: 0.0              # mapped onto the family's dropout kwargs (see DROPOUT
 config: {hidden_size: 128, ...}   # kwargs of the transformers config class
 ```
 
-``arch: pretrained`` loads a local Hugging Face directory (``path``) or a GGUF file in it (``gguf_file``) with
-``from_pretrained``; ``config`` then holds config overrides.
+``arch: pretrained`` loads a local Hugging Face directory (``path``), a GGUF file in it (``gguf_file``) or a hub id
+(``path: owner/name`` with an optional ``revision``: a branch, tag or commit; online only) with ``from_pretrained``;
+``config`` then holds config overrides. Offline (``HF_HUB_OFFLINE=1``) a hub id fails at once with a clear message.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -93,19 +95,48 @@ def model_config(cfg: Mapping[str, Any], vocab_size: int | None = None):
     return CONFIG_MAPPING[arch](**kwargs)
 
 
+def hub_offline() -> bool:
+    """True when the Hugging Face hub must not be reached (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def resolve_pretrained_source(path: str, revision: str | None, what: str = "model.path") -> tuple[str, dict]:
+    """``(path or hub id, from_pretrained kwargs)`` for a local directory or a hub id ``owner/name`` (+ revision).
+
+    Raises at once, without touching the network, for a missing local path, a revision on a local directory, or a hub
+    id while the hub is offline.
+    """
+    path = os.path.expanduser(str(path))
+    if Path(path).exists():
+        if revision:
+            raise ValueError(f"{what}={path!r} is a local directory; revision={revision!r} applies to hub ids only "
+                             "(check out that revision into its own directory, or pass the hub id)")
+        return path, {}
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        if hub_offline():
+            raise RuntimeError(
+                f"{what}={path!r} looks like a Hugging Face hub id, but the hub is offline (HF_HUB_OFFLINE=1): "
+                "download it elsewhere (huggingface-cli download {path}"
+                + (f" --revision {revision}" if revision else "") + ") and pass the local directory, or unset "
+                "HF_HUB_OFFLINE"
+            )
+        return path, ({"revision": str(revision)} if revision else {})
+    raise FileNotFoundError(f"{what}={path!r} does not exist (neither a local directory nor a hub id 'owner/name'; "
+                            "nothing is downloaded for other forms)")
+
+
 def load_pretrained(cfg: Mapping[str, Any]):
-    """A causal LM from a local Hugging Face directory (``path``) or a GGUF file in it (``gguf_file``)."""
+    """A causal LM from a local Hugging Face directory (``path``), a GGUF file in it (``gguf_file``), or a hub id
+    ``owner/name`` at ``revision`` (online only)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = plain_dict(cfg)
     path = cfg.get("path")
     if not path:
-        raise ValueError("model=hf_pretrained needs model.path=<local Hugging Face model directory>")
-    path = os.path.expanduser(str(path))
-    if not Path(path).exists():
-        raise FileNotFoundError(f"model.path={path!r} does not exist (only local directories are loaded; nothing "
-                                "is downloaded)")
-    load_kwargs: dict[str, Any] = {}
+        raise ValueError("model=hf_pretrained needs model.path=<local Hugging Face model directory or hub id>")
+    path, source_kwargs = resolve_pretrained_source(path, cfg.get("revision"))
+    load_kwargs: dict[str, Any] = dict(source_kwargs)
     gguf_file = cfg.get("gguf_file")
     if gguf_file:
         if importlib.util.find_spec("gguf") is None:
