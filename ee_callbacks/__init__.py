@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "find_model_parts": "ee_callbacks.model_parts",
+    "find_language_model": "ee_callbacks.model_parts",
+    "prove_model_parts": "ee_callbacks.model_parts",
     "ModelParts": "ee_callbacks.model_parts",
     "ModelPartsError": "ee_callbacks.model_parts",
     "capture_hidden_states": "ee_callbacks.capture",

@@ -335,8 +335,11 @@ def analyze(
                     warnings.warn(f"{entry.key}: exit heads not evaluated ({err}); pass --heads-any-checkpoint to "
                                   "evaluate them on checkpoints other than the one they were trained against",
                                   RuntimeWarning)
+            from .model_parts import prove_on_probe_set
+
+            parts = prove_on_probe_set(model, batches)  # the readout reproduces this checkpoint's own logits
             record = run_probe(
-                model, batches, config=cfg, step=entry.step, source="checkpoint", checkpoint=entry.key,
+                model, batches, config=cfg, parts=parts, step=entry.step, source="checkpoint", checkpoint=entry.key,
                 data_name=probe_text or ("run probe set" if entry.probe_source else "fortunes"), seed=the_seed,
                 readouts=readouts, previous=previous.get(entry.series),
             )

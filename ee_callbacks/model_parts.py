@@ -41,6 +41,7 @@ __all__ = [
     "find_language_model",
     "find_model_parts",
     "prove_model_parts",
+    "prove_on_probe_set",
     "unwrap_model",
 ]
 
@@ -680,9 +681,9 @@ def prove_model_parts(
         try:
             _find_blocks(model, tied)
         except ModelPartsError:
-            if not tied:
+            if len(tied) < 2:
                 raise
-    if blocks is not None or not tied:
+    if blocks is not None or len(tied) < 2:
         return _prove(model, input_ids, attention_mask, blocks=blocks, **args)
     # block lists tied in length and size (a vision tower beside the text decoder): the one that proves wins
     failures = []
@@ -692,6 +693,16 @@ def prove_model_parts(
         except ModelPartsError as err:
             failures.append(f"blocks={path!r}: {err}")
     raise ModelPartsError(f"no block list of {type(model).__name__} gives a proven readout. " + " | ".join(failures))
+
+
+def prove_on_probe_set(model: nn.Module, batches, rows: int = 2, **kwargs) -> ModelParts:
+    """:func:`prove_model_parts` on the first ``rows`` sequences of the first batch of a probe set (anything
+    ``run_probe`` accepts as ``batches``); ``kwargs`` as for :func:`prove_model_parts`."""
+    from .probe import prepare_batches
+
+    first = prepare_batches(batches if isinstance(batches, torch.Tensor) else list(batches)[:1])[0]
+    mask = first["attention_mask"]
+    return prove_model_parts(model, first["input_ids"][:rows], mask[:rows] if mask is not None else None, **kwargs)
 
 
 def _prove(model, input_ids, attention_mask, *, blocks, final_norm, unembed, logit_softcap, logit_scale,

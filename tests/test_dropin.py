@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import transformers as T
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -297,7 +297,9 @@ def test_language_model_discovery_prefers_the_smallest_and_the_trainable():
 def test_checkpoint_monitors_eas_and_keeps_the_best_step(tmp_path):
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="ee/summary/eas", mode="max", save_top_k=1,
                            every_n_train_steps=3, filename="{step}", auto_insert_metric_name=False)
-    _, _, trainer = _fit(tmp_path, lambda: StrangerLM("net"), True, steps=12, extra=[ckpt])
+    # EarlyStopping (strict: a missing key raises) checks at each epoch end, steps 8 and 12: it sees steps 6 and 12
+    stop = EarlyStopping(monitor="ee/summary/eas", mode="max", patience=100, check_on_train_epoch_end=True)
+    _, _, trainer = _fit(tmp_path, lambda: StrangerLM("net"), True, steps=12, extra=[ckpt, stop])
     records = read_records(tmp_path / "ee_probes.jsonl")
     scored = {r["step"]: r["summary"]["eas"] for r in records if r["step"] > 0}
     assert sorted(scored) == [3, 6, 9, 12] and len(set(scored.values())) > 1  # EAS moved while training
@@ -305,6 +307,7 @@ def test_checkpoint_monitors_eas_and_keeps_the_best_step(tmp_path):
     assert ckpt.best_model_score.item() == pytest.approx(scored[best], rel=1e-6)
     assert ckpt.best_model_path.endswith(f"{best}.ckpt")
     assert trainer.callback_metrics["ee/summary/eas"].item() == pytest.approx(scored[12], rel=1e-6)
+    assert stop.best_score.item() == pytest.approx(max(scored[6], scored[12]), rel=1e-6)
 
 
 def test_state_key_ignores_the_records_path_and_resume_into_a_new_directory_keeps_history(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from contextlib import nullcontext as _null
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -400,16 +399,13 @@ class ExitHeads(Callback):
         parts = find_model_parts(lm, **self.part_paths)
         if parts.unembed is None:
             return parts
-        full = readout_context_factory(trainer, pl_module, lm, parts)
         emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
-        with full() if full is not None else _null():
-            rows = getattr(getattr(emb, "weight", None), "shape", (0,))[0] or getattr(emb, "num_embeddings", 0)
-        vocab = int(rows) or int(getattr(getattr(lm, "config", None), "vocab_size", 0) or 2)
+        vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(lm, "config", None), "vocab_size", None) or 2
         gen = torch.Generator().manual_seed(self.seed)
-        ids = torch.randint(0, vocab, (2, 16), generator=gen)
+        ids = torch.randint(0, int(vocab), (2, 16), generator=gen)
         target = probe_forward_target(trainer, pl_module, lm)
         return prove_model_parts(lm, ids, None, **self.part_paths, forward_module=None if target is lm else target,
-                                 readout_context=full)
+                                 readout_context=readout_context_factory(trainer, pl_module, lm, parts))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         if self.heads is None or trainer.sanity_checking:

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ..distributed import param_count, probe_forward_target, probe_shard, readout_context_factory, wrapped_root
-from ..model_parts import find_language_model, find_model_parts, prove_model_parts
+from ..model_parts import find_language_model, find_model_parts, prove_on_probe_set
 from ..probe import ProbeConfig, prepare_batches, run_probe
 from ..probe_data import draw_probe_set, preserved_rng
 from ..records import append_record, read_records
@@ -235,12 +235,9 @@ class EarlyExitProbe(Callback):
         """The parts, proven on the first rows of the first probe batch against the model's own logits."""
         if parts.unembed is None or not prepared:
             return parts
-        batch = next(iter(prepared.values()))[0]
-        rows = slice(0, min(2, int(batch["input_ids"].shape[0])))
-        mask = batch["attention_mask"]
         target = probe_forward_target(trainer, pl_module, self._lm)
-        return prove_model_parts(
-            self._lm, batch["input_ids"][rows], mask[rows] if mask is not None else None, **self.part_paths,
+        return prove_on_probe_set(
+            self._lm, next(iter(prepared.values())), **self.part_paths,
             forward_module=None if target is self._lm else target,
             readout_context=readout_context_factory(trainer, pl_module, self._lm, parts),
         )
