@@ -182,7 +182,7 @@ def _check_identical_and_records(tmp_path, make, readout=None, **trainer_kw):
     return module, records
 
 
-@pytest.mark.parametrize("attr", ["net", "lm", "backbone", "transformer", "wrapper.model"])
+@pytest.mark.parametrize("attr", ["net", "lm", "backbone", "transformer", "wrapper.model", "outer.inner.model"])
 def test_hf_model_under_any_attribute(tmp_path, attr):
     module, records = _check_identical_and_records(tmp_path, lambda: StrangerLM(attr))
     lm = module.get_submodule(attr)

@@ -37,7 +37,10 @@ def test_twelve_layer_run_gives_a_readable_workspace(tmp_path):
         trainer.fit(TinyLM(kind="llama", layers=12), train, val)
     finally:
         wandb.finish()
-    records = read_records(tmp_path / "ee_probes.jsonl")  # WandbLogger: log_dir is its save_dir
+    # WandbLogger: the records go into the W&B run's own directory, never a file shared by runs
+    (path,) = tmp_path.glob("wandb/offline-run-*/files/ee_probes.jsonl")
+    assert str(path) == str(probe._path)
+    records = read_records(path)
     assert [r["step"] for r in records] == [0, 3, 6] and records[0]["model"]["n_layers"] == 12
     run = inspect_run(tmp_path)
     assert run.state["state"] == "finished" and run.state["exit_code"] == 0
@@ -140,7 +143,7 @@ def test_records_reach_wandb_when_the_run_crashes(tmp_path):
             trainer.fit(StrangerLM(), train)
     finally:
         wandb.finish(exit_code=1)
-    assert [r["step"] for r in read_records(tmp_path / "ee_probes.jsonl")] == [0, 2, 4]
+    assert [r["step"] for r in read_records(probe._path)] == [0, 2, 4]  # in the W&B run's own directory
     run = inspect_run(tmp_path)
     (artifact,) = [a for a in run.artifacts if a["type"] == "ee-probes"]
     assert set(artifact["aliases"]) == {"latest", "step-4"}
