@@ -1,6 +1,7 @@
 """``ee-analyze``: run the same probe over a series of saved checkpoints.
 
     ee-analyze SOURCE [SOURCE ...] --out DIR [--revisions r1,r2,...] [--probe-text FILE] [--heads DIR] [--report]
+               [--speculate [--spec-prompts 8] [--spec-new-tokens 32] [--spec-pairs E:k,...]]
 
 Each SOURCE is one of:
 
@@ -15,7 +16,8 @@ Each SOURCE is one of:
 Records (``source: "checkpoint"``, integer ``step`` from the checkpoint) are appended to ``DIR/ee_probes.jsonl``;
 checkpoints already recorded there are skipped, so an interrupted analysis resumes; a checkpoint that cannot be
 loaded is reported and skipped. Scalars also go to a CSV logger in ``DIR`` (``--logger``), and ``--report`` draws
-``DIR/report.html``.
+``DIR/report.html``. ``--speculate`` adds a measured ``speculation`` entry to each record
+(:mod:`ee_callbacks.speculation`).
 """
 
 from __future__ import annotations
@@ -283,8 +285,13 @@ def analyze(
     heads_any_checkpoint: bool = False,
     logger: str = "csv",
     progress: bool = True,
+    speculate: Optional[dict] = None,
 ) -> dict:
-    """Probe every checkpoint of ``sources`` into ``out/ee_probes.jsonl``. Returns counts and failures."""
+    """Probe every checkpoint of ``sources`` into ``out/ee_probes.jsonl``. Returns counts and failures.
+
+    ``speculate``: when given (a dict of :func:`ee_callbacks.speculation.speculate` options: ``prompts``,
+    ``prompt_tokens``, ``max_new_tokens``, ``pairs``), each record also gets a measured ``speculation`` entry.
+    """
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / "ee_probes.jsonl"
@@ -344,6 +351,8 @@ def analyze(
                 readouts=readouts, previous=previous.get(entry.series),
             )
             previous[entry.series] = record.state
+            if speculate is not None:
+                record.extra["speculation"] = _measure_speculation(model, record, batches, speculate)
             if entry.name:
                 record.model["name"] = entry.name
             record.run = {"name": record.model.get("name"), "experiment": Path(entry.series).name}
@@ -368,6 +377,21 @@ def analyze(
         except Exception:
             pass
     return result
+
+
+def _measure_speculation(model, record, batches, options: dict) -> dict:
+    """The record's ``speculation`` entry; a model that cannot be measured gets the reason, never a crash."""
+    from .speculation import prompts_from_batches, speculate
+
+    length = int(batches[0]["input_ids"].shape[1])
+    prompt_tokens = min(int(options.get("prompt_tokens") or 32), max(1, length // 2))
+    try:
+        prompts = prompts_from_batches(batches, int(options.get("prompts") or 8), prompt_tokens)
+        return speculate(model, {"layers": record.layers, "model": record.model}, prompts,
+                         max_new_tokens=int(options.get("max_new_tokens") or 32), pairs=options.get("pairs"))
+    except Exception as err:
+        warnings.warn(f"self-speculation not measured ({type(err).__name__}: {err})", RuntimeWarning)
+        return {"supported": False, "reason": f"{type(err).__name__}: {err}", "runs": []}
 
 
 def _progress(entries, enabled: bool):
@@ -413,6 +437,19 @@ def _parse_overrides(items: list) -> dict:
     return out
 
 
+def _speculate_options(args) -> dict:
+    pairs = None
+    if args.spec_pairs:
+        try:
+            pairs = [tuple(int(v) for v in item.split(":")) for item in args.spec_pairs.split(",")]
+        except ValueError:
+            raise SystemExit(f"--spec-pairs takes E:k pairs like 4:2,6:3, got {args.spec_pairs!r}")
+        if any(len(p) != 2 for p in pairs):
+            raise SystemExit(f"--spec-pairs takes E:k pairs like 4:2,6:3, got {args.spec_pairs!r}")
+    return {"prompts": args.spec_prompts, "prompt_tokens": args.spec_prompt_tokens,
+            "max_new_tokens": args.spec_new_tokens, "pairs": pairs}
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="ee-analyze", description=__doc__.split("\n\n")[0])
     parser.add_argument("sources", nargs="+", help="run directories, .ckpt files, HF model dirs, GGUF files or hub ids")
@@ -429,6 +466,15 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--config", nargs="*", default=[], help="ProbeConfig overrides, key=value (JSON values)")
     parser.add_argument("--logger", default="csv", choices=["csv", "tensorboard", "wandb", "none"])
     parser.add_argument("--report", action="store_true", help="draw DIR/report.html afterwards")
+    parser.add_argument("--speculate", action="store_true",
+                        help="also measure self-speculative decoding (transformers assistant_early_exit) against "
+                             "greedy decoding at the estimate's best exit layer and draft length and a grid around it")
+    parser.add_argument("--spec-prompts", type=int, default=8, help="prompts for --speculate (default 8)")
+    parser.add_argument("--spec-prompt-tokens", type=int, default=32,
+                        help="prompt length for --speculate (default 32, at most half the probe length)")
+    parser.add_argument("--spec-new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
+    parser.add_argument("--spec-pairs", default=None,
+                        help="explicit E:k pairs to measure instead of the grid, e.g. 4:2,6:3")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -439,6 +485,7 @@ def main(argv: Optional[list] = None) -> int:
             batch_size=args.batch_size, config=_parse_overrides(args.config), heads=args.heads,
             heads_any_checkpoint=args.heads_any_checkpoint, logger=args.logger,
             progress=not args.no_progress,
+            speculate=_speculate_options(args) if args.speculate else None,
         )
     except (FileNotFoundError, RuntimeError, ValueError, ImportError) as err:
         print(f"ee-analyze: error: {err}", file=sys.stderr)

@@ -50,12 +50,16 @@ CURRICULA = ("none", "rotational", "gradual")
 @dataclass
 class EarlyExitOutput:
     """``loss`` (the total, for backward), ``final_loss`` (CE of the model's own logits), ``layer_losses``
-    ``{ℓ: CE_ℓ}`` of the active early layers and ``coefficients`` ``{ℓ: e(t, ℓ)}`` (including ℓ = L)."""
+    ``{ℓ: CE_ℓ}`` of the active early layers, ``coefficients`` ``{ℓ: e(t, ℓ)}`` (including ℓ = L) and
+    ``aux_loss``: a Mixture-of-Experts router's load-balancing loss as the model returned it (unscaled; None for
+    models without one). :meth:`EarlyExitAwareLM.early_exit_step` adds ``router_aux_loss_coef · aux_loss`` to
+    ``loss``."""
 
     loss: torch.Tensor
     final_loss: torch.Tensor
     layer_losses: dict = field(default_factory=dict)
     coefficients: dict = field(default_factory=dict)
+    aux_loss: Optional[torch.Tensor] = None
 
 
 def _parts_of(model_or_parts) -> ModelParts:
@@ -313,7 +317,9 @@ class EarlyExitAwareLM:
     returns :class:`EarlyExitOutput`. Without ``configure_early_exit`` (or in eval mode for the dropout) it is the
     plain next-token loss. ``step`` defaults to ``trainer.global_step``; pass ``micro_batch=batch_idx`` so that the
     micro-batches of one accumulated step draw different layer-dropout masks. The model is called through
-    ``capture.model_forward`` (logits only: a MoE router's auxiliary loss is not added here).
+    ``capture.model_forward``; a Mixture-of-Experts model's router load-balancing loss (its output's ``aux_loss``,
+    present when the config sets ``output_router_logits``) is kept: ``loss`` includes
+    ``config.router_aux_loss_coef · aux_loss`` and ``aux_loss`` holds the unscaled value, as in plain training.
     """
 
     early_exit_loss: Optional[EarlyExitLoss] = None
@@ -340,10 +346,28 @@ class EarlyExitAwareLM:
             self.layer_dropout.set_step(step, micro_batch)
         labels = input_ids if labels is None else labels
         loss_fn = self.early_exit_loss
-        if loss_fn is None:
-            logits = model_forward(model, input_ids, attention_mask)
-            final = next_token_ce(logits, labels, attention_mask)
-            return EarlyExitOutput(loss=final, final_loss=final, coefficients={})
-        with HiddenStateCapture(loss_fn.parts, detach=False, with_input=False) as cap:
-            logits = model_forward(model, input_ids, attention_mask)
-        return loss_fn(cap.states, labels, step, logits=logits, attention_mask=attention_mask)
+        outputs: list = []
+        grab = model.register_forward_hook(lambda module, args, output: outputs.append(output))
+        try:
+            if loss_fn is None:
+                logits = model_forward(model, input_ids, attention_mask)
+                final = next_token_ce(logits, labels, attention_mask)
+                result = EarlyExitOutput(loss=final, final_loss=final, coefficients={})
+            else:
+                with HiddenStateCapture(loss_fn.parts, detach=False, with_input=False) as cap:
+                    logits = model_forward(model, input_ids, attention_mask)
+                result = loss_fn(cap.states, labels, step, logits=logits, attention_mask=attention_mask)
+        finally:
+            grab.remove()
+        return _with_router_aux_loss(result, model, outputs[-1] if outputs else None)
+
+
+def _with_router_aux_loss(result: EarlyExitOutput, model, output) -> EarlyExitOutput:
+    """Keep a MoE router's load-balancing loss: ``loss += router_aux_loss_coef · aux_loss`` (coef 0 if unset)."""
+    aux = output.get("aux_loss") if isinstance(output, dict) else getattr(output, "aux_loss", None)
+    if not isinstance(aux, torch.Tensor):
+        return result
+    coef = float(getattr(getattr(model, "config", None), "router_aux_loss_coef", 0.0) or 0.0)
+    result.aux_loss = aux
+    result.loss = result.loss + coef * aux
+    return result

@@ -526,18 +526,124 @@ def overlay_layer_metric(
         x = np.array(layers, dtype=float) / max(layers) if relative else np.array(layers, dtype=float)
         ax.plot(x, values, marker="o", markersize=3, color=colours[label], label=f"{label} (step {step})")
         series[label] = (x, values, step)
-    ax.set_xlabel(x_label)
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    title = title or f"runs compared: {metric} per layer at the last probe"
-    ax.set_title(title)
+    title = _finish_layer_axes(ax, x_label, metric, title or f"runs compared: {metric} per layer at the last probe")
     return Plot(
         f"compare_layers_{metric}",
         title,
         figure,
         {"x_label": x_label, "series": series, "legend": list(profiles)},
     )
+
+
+def _group_steps_stats(members: Sequence[Sequence[Mapping[str, Any]]], name: str):
+    """Mean and 95% t-interval half-width of summary ``name`` at each step the members share."""
+    from ee_callbacks.stats import mean_ci
+
+    per_member = []
+    for records in members:
+        steps, columns = summary_series(records)
+        if name in columns:
+            per_member.append(dict(zip(steps, columns[name])))
+    if not per_member:
+        return [], np.array([]), np.array([]), 0
+    steps = sorted(set.intersection(*(set(m) for m in per_member)))
+    stats = [mean_ci(m[step] for m in per_member) for step in steps]
+    means = np.array([as_float(mean) for mean, _, _ in stats])
+    halves = np.array([as_float(half) for _, half, _ in stats])
+    return steps, means, halves, len(per_member)
+
+
+def band_summary(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], title: str | None = None) -> Plot | None:
+    """Compare configurations over seeds: each summary scalar over steps, the mean of a group's runs as a line and
+    its 95% t-interval (mean ± t_{0.975, n−1}·s/√n) as a shaded band. ``groups``: {label: [records of each run]}.
+
+    ``plot.data``: ``series`` ({name: {group label: (steps, mean, half_width, n_runs)}}) and ``legend``.
+    """
+    names = [
+        name for name in ("eas",) + SKIP_SUMMARY_KEYS + ("spec_speedup_est",)
+        if any(_group_steps_stats(members, name)[0] for members in groups.values())
+    ]
+    if not names:
+        return None
+    columns_count = min(len(names), 3)
+    rows_count = math.ceil(len(names) / columns_count)
+    figure = _new_figure(5.0 * columns_count, 3.5 * rows_count + 0.6)
+    colours = _run_colours(list(groups))
+    series: dict[str, dict[str, tuple]] = {}
+    handles: dict[str, Any] = {}
+    for index, name in enumerate(names):
+        ax = figure.add_subplot(rows_count, columns_count, index + 1)
+        series[name] = {}
+        for label, members in groups.items():
+            steps, means, halves, n = _group_steps_stats(members, name)
+            if not steps:
+                continue
+            (line,) = ax.plot(steps, means, marker="o", markersize=3, color=colours[label], label=label)
+            lower, upper = means - np.nan_to_num(halves), means + np.nan_to_num(halves)
+            ax.fill_between(steps, lower, upper, color=colours[label], alpha=0.2, linewidth=0)
+            handles.setdefault(label, line)
+            series[name][label] = (steps, means, halves, n)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    legend = [label for label in groups if label in handles]
+    figure.legend([handles[label] for label in legend], [f"{label} (n={len(groups[label])})" for label in legend],
+                  loc="outside lower center", ncols=min(len(legend), 3))
+    title = title or "configurations over seeds: mean and 95% t-interval"
+    figure.suptitle(title)
+    return Plot("compare_summary_seeds", title, figure, {"series": series, "legend": legend})
+
+
+def band_layer_metric(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], metric: str = "agree",
+                      title: str | None = None) -> Plot | None:
+    """Compare configurations over seeds: a per-layer metric at each run's last probe, the group mean with 95%
+    t-interval error bars (relative depth ℓ/L on x when depths differ).
+
+    ``plot.data``: ``x_label``, ``series`` ({group label: (x, mean, half_width, n_runs)}) and ``legend``.
+    """
+    from ee_callbacks.stats import mean_ci
+
+    profiles = {}
+    for label, members in groups.items():
+        per_member = []
+        for records in members:
+            ordered = ordered_records(records)
+            if ordered:
+                layers, values = layer_profile(ordered[-1], metric)
+                per_member.append(dict(zip(layers, values)))
+        if not per_member:
+            continue
+        layers = sorted(set.intersection(*(set(m) for m in per_member)))
+        stats = [mean_ci(m[layer] for m in per_member) for layer in layers]
+        means = np.array([as_float(mean) for mean, _, _ in stats])
+        if layers and np.isfinite(means).any():
+            profiles[label] = (layers, means, np.array([as_float(h) for _, h, _ in stats]), len(per_member))
+    if not profiles:
+        return None
+    relative = len({max(layers) for layers, *_ in profiles.values()}) > 1
+    x_label = "relative depth ℓ/L" if relative else "layer"
+    figure = _new_figure(6.5, 4.5)
+    ax = figure.add_subplot()
+    colours = _run_colours(list(groups))
+    series = {}
+    for label, (layers, means, halves, n) in profiles.items():
+        x = np.array(layers, dtype=float) / max(layers) if relative else np.array(layers, dtype=float)
+        ax.errorbar(x, means, yerr=np.nan_to_num(halves), marker="o", markersize=3, capsize=3, color=colours[label],
+                    label=f"{label} (n={n})")
+        series[label] = (x, means, halves, n)
+    title = _finish_layer_axes(ax, x_label, metric, title or
+                               f"configurations over seeds: {metric} per layer at the last probe (95% t-interval)")
+    return Plot(f"compare_layers_{metric}_seeds", title, figure,
+                {"x_label": x_label, "series": series, "legend": list(profiles)})
+
+
+def _finish_layer_axes(ax, x_label: str, metric: str, title: str) -> str:
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title(title)
+    return title
 
 
 def _colormap(name: str):

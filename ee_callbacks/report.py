@@ -10,11 +10,16 @@ file; every JSONL found is one run. The report has a section per probe set (the 
 * when several runs have that set, comparisons first: summary scalars over steps (one line per run) and ``agree``
   per layer at each run's last probe (one line per run), legends naming each run by ``model.name · run.experiment``
   (else its directory name);
+* when several runs differ only in ``seed`` (their ``config.yaml``/``.hydra/config.yaml`` compared key by key, the
+  run's own directory masked; ``--group-ignore`` names the keys to ignore, default ``seed``): every such group as its
+  mean over seeds with a 95% Student-t interval — summary scalars over steps as bands, ``agree`` per layer with error
+  bars — and a table of each group's last-probe summaries as mean ± half-width (n runs);
 * then per run: heatmaps (layer × step) of ``agree``, ``kl`` and ``ce``; EAS, oracle and static skip and the per-rule
   skip at consistency over steps; exit trade-off curves at the first, middle and last probe; the CKA matrix of the
   last probe; block influence per layer.
 
-Figures are PNG files under ``DIR/figures/``; ``DIR/report.html`` links them by relative path (``--embed`` puts them
+A run whose records carry a measured ``speculation`` entry (``ee-analyze --speculate``) gets a table of it, the
+estimate beside the measurement. Figures are PNG files under ``DIR/figures/``; ``DIR/report.html`` links them by relative path (``--embed`` puts them
 inside the HTML as base64 instead, for a single file to mail around).
 """
 
@@ -161,6 +166,85 @@ def _make_labels_unique(runs: list[RunRecords]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Seed groups
+
+
+def _flatten(mapping: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(mapping, dict):
+        return {prefix: mapping}
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def run_config(run: RunRecords) -> dict[str, Any] | None:
+    """The flattened Hydra config of a run (``config.yaml`` or ``.hydra/config.yaml`` beside its JSONL), with the
+    run's own directory masked as ``<run>`` so that output paths compare equal across runs; None without one."""
+    import yaml
+
+    directory = run.source.parent
+    for candidate in (directory / "config.yaml", directory / ".hydra" / "config.yaml"):
+        if candidate.is_file():
+            try:
+                loaded = yaml.safe_load(candidate.read_text(encoding="utf-8"))
+            except yaml.YAMLError:
+                continue
+            if isinstance(loaded, dict):
+                own = {str(directory), str(directory.resolve())}
+                flat = _flatten(loaded)
+                for key, value in flat.items():
+                    if isinstance(value, str):
+                        for path in own:
+                            value = value.replace(path, "<run>")
+                        flat[key] = value
+                return flat
+    return None
+
+
+def group_runs(runs: Sequence[RunRecords], ignore: Iterable[str] = ("seed",)) -> dict[str, list[RunRecords]]:
+    """Runs whose configurations are equal except for the ``ignore`` keys (dotted names), e.g. seeds of one
+    configuration. Runs without a config file group by model name, experiment and probe configuration.
+    Labels: the runs' common label, plus the config keys that tell groups of the same label apart."""
+    import json
+
+    ignore = set(ignore)
+    keyed: dict[str, list[RunRecords]] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    bases: dict[str, str] = {}
+    for run in runs:
+        config = run_config(run)
+        if config is None:
+            first = run.records[0]
+            config = {"model.name": (first.get("model") or {}).get("name"),
+                      "run.experiment": (first.get("run") or {}).get("experiment"),
+                      "probe_config": json.dumps(first.get("config"), sort_keys=True, default=str)}
+        config = {k: v for k, v in config.items() if k not in ignore}
+        key = json.dumps(config, sort_keys=True, default=str)
+        keyed.setdefault(key, []).append(run)
+        configs[key] = config
+        bases[key] = plotting.run_label(run.records[0], run.source.parent.name)
+    labels: dict[str, str] = {}
+    for key, base in bases.items():
+        same = [other for other in keyed if bases[other] == base]
+        label = base
+        if len(same) > 1:
+            differing = sorted(
+                (name for name in set().union(*(configs[o] for o in same))
+                 if len({json.dumps(configs[o].get(name), default=str) for o in same}) > 1),
+                key=lambda name: (len(name), name),
+            )[:3]
+            label += " (" + ", ".join(f"{name}={_short(configs[key].get(name))}" for name in differing) + ")"
+        labels[key] = label
+    return {labels[key]: members for key, members in keyed.items()}
+
+
+def _short(value: Any) -> str:
+    text = "–" if value is None else str(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Figures
 
 
@@ -186,6 +270,10 @@ def _comparison_figures(runs: dict[str, list[dict[str, Any]]]) -> list[Callable[
     return [lambda: plotting.overlay_summary(runs), lambda: plotting.overlay_layer_metric(runs, "agree")]
 
 
+def _seed_group_figures(groups: dict[str, list[list[dict[str, Any]]]]) -> list[Callable[[], plotting.Plot | None]]:
+    return [lambda: plotting.band_summary(groups), lambda: plotting.band_layer_metric(groups, "agree")]
+
+
 def build_report(
     paths: Sequence[str | Path],
     out_dir: str | Path,
@@ -193,14 +281,21 @@ def build_report(
     embed: bool = False,
     dpi: int = 100,
     progress: bool = True,
+    group_ignore: Iterable[str] | None = ("seed",),
 ) -> Report:
-    """Read the runs, draw every figure into ``out_dir/figures`` and write ``out_dir/report.html``."""
+    """Read the runs, draw every figure into ``out_dir/figures`` and write ``out_dir/report.html``.
+
+    ``group_ignore``: config keys ignored when grouping runs into configurations over seeds (None: no grouping).
+    """
     from tqdm.auto import tqdm
 
     runs = load_runs(paths)
     out_dir = Path(out_dir)
     figures_dir = out_dir / "figures"
     sets = sorted({record_set(record) for run in runs for record in run.records}, key=lambda s: (s != DEFAULT_SET, s))
+    groups = group_runs(runs, group_ignore) if group_ignore is not None else {}
+    if not any(len(members) > 1 for members in groups.values()):
+        groups = {}
 
     # (set, run label or None, file stem directory, builder); built first so the progress bar knows the total.
     tasks: list[tuple[str, str | None, Path, Callable[[], plotting.Plot | None]]] = []
@@ -209,6 +304,11 @@ def build_report(
         in_set = {run.label: run.for_set(set_name) for run in runs if run.for_set(set_name)}
         if len(in_set) > 1:
             tasks += [(set_name, None, set_dir / "compare", build) for build in _comparison_figures(in_set)]
+        in_groups = {label: [run.for_set(set_name) for run in members if run.for_set(set_name)]
+                     for label, members in groups.items()}
+        in_groups = {label: members for label, members in in_groups.items() if members}
+        if in_groups:
+            tasks += [(set_name, None, set_dir / "compare", build) for build in _seed_group_figures(in_groups)]
         for index, (label, records) in enumerate(in_set.items()):
             run_dir = set_dir / f"{index:02d}_{_slug(label)}"
             tasks += [(set_name, label, run_dir, build) for build in _run_figures(records)]
@@ -223,7 +323,7 @@ def build_report(
         plot.close()
 
     html_path = out_dir / "report.html"
-    html_path.write_text(_render_html(runs, sets, figures, out_dir, embed), encoding="utf-8")
+    html_path.write_text(_render_html(runs, sets, figures, out_dir, embed, groups), encoding="utf-8")
     return Report(out_dir, html_path, runs, figures)
 
 
@@ -281,6 +381,57 @@ def _run_table(runs: list[RunRecords], set_name: str) -> str:
     return f"<table>{head}{''.join(rows)}</table><p class='note'>Summary values are those of each run's last probe.</p>"
 
 
+def _group_table(groups: dict[str, list[RunRecords]], set_name: str) -> str:
+    """Each configuration's last-probe summaries over its runs: mean ± 95% t-interval half-width (n)."""
+    from ee_callbacks.stats import mean_ci
+
+    header = ["configuration", "runs", *_TABLE_SUMMARY_KEYS]
+    rows = []
+    for label, members in groups.items():
+        lasts = [plotting.ordered_records(run.for_set(set_name))[-1] for run in members if run.for_set(set_name)]
+        if not lasts:
+            continue
+        cells = [html.escape(label), str(len(lasts))]
+        for key in _TABLE_SUMMARY_KEYS:
+            mean, half, n = mean_ci((last.get("summary") or {}).get(key) for last in lasts)
+            cells.append("–" if mean is None else f"{mean:.3f}" + ("" if half is None else f" ± {half:.3f}"))
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    head = "<tr>" + "".join(f"<th>{html.escape(name)}</th>" for name in header) + "</tr>"
+    return (f"<table>{head}{''.join(rows)}</table><p class='note'>Configurations: runs whose configs differ only in "
+            "the ignored keys (seed). Mean ± half-width of the 95% Student-t interval over runs, at the last probe.</p>")
+
+
+_SPEC_COLUMNS = ("exit_layer", "draft_len", "agree_probe", "acceptance", "tokens_per_verification",
+                 "blocks_per_token_est", "blocks_per_token", "block_positions_per_token", "speedup_est",
+                 "speedup_blocks", "identical_to_greedy", "wall_s")
+
+
+def _speculation_html(run: RunRecords, set_name: str) -> str:
+    """The measured self-speculation of the run's last record that has one (ee-analyze --speculate)."""
+    found = [r for r in plotting.ordered_records(run.for_set(set_name)) if isinstance(r.get("speculation"), dict)]
+    if not found:
+        return ""
+    spec = found[-1]
+    spec_step = spec.get("step")
+    spec = spec["speculation"]
+    if not spec.get("supported"):
+        return f"<p class='note'>Self-speculation (step {spec_step}) not measured: {html.escape(str(spec.get('reason')))}</p>"
+    greedy = spec.get("greedy") or {}
+    rows = []
+    for entry in spec.get("runs", []):
+        if entry.get("error"):
+            rows.append(f"<tr><td>{entry.get('exit_layer')}</td><td>{entry.get('draft_len')}</td>"
+                        f"<td colspan='{len(_SPEC_COLUMNS) - 2}'>{html.escape(entry['error'])}</td></tr>")
+            continue
+        rows.append("<tr>" + "".join(f"<td>{html.escape(_format(entry.get(c)))}</td>" for c in _SPEC_COLUMNS) + "</tr>")
+    head = "<tr>" + "".join(f"<th>{html.escape(name)}</th>" for name in _SPEC_COLUMNS) + "</tr>"
+    return (f"<h4>Self-speculation, measured (step {spec_step})</h4><table>{head}{''.join(rows)}</table>"
+            f"<p class='note'>{spec.get('prompts')} prompts of {spec.get('prompt_tokens')} tokens, "
+            f"{spec.get('max_new_tokens')} new tokens each; greedy: {_format(greedy.get('blocks_per_token'))} blocks "
+            f"per token, {_format(greedy.get('wall_s'))} s. {html.escape(str(spec.get('method')))}. speedup_est is the "
+            "DESIGN §3 estimate; speedup_blocks = L / blocks_per_token is measured (block calls, not wall time).</p>")
+
+
 def _figure_html(figure: ReportFigure, out_dir: Path, embed: bool) -> str:
     if embed:
         source = "data:image/png;base64," + base64.b64encode(figure.path.read_bytes()).decode("ascii")
@@ -291,7 +442,8 @@ def _figure_html(figure: ReportFigure, out_dir: Path, embed: bool) -> str:
 
 
 def _render_html(
-    runs: list[RunRecords], sets: list[str], figures: list[ReportFigure], out_dir: Path, embed: bool
+    runs: list[RunRecords], sets: list[str], figures: list[ReportFigure], out_dir: Path, embed: bool,
+    groups: dict[str, list[RunRecords]] | None = None,
 ) -> str:
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     parts = [
@@ -303,6 +455,9 @@ def _render_html(
     for set_name in sets:
         parts.append(f"<h2>Probe set: {html.escape(set_name)}</h2>")
         parts.append(_run_table(runs, set_name))
+        if groups:
+            parts.append("<h3>Configurations over seeds</h3>")
+            parts.append(_group_table(groups, set_name))
         comparison = [f for f in figures if f.set_name == set_name and f.run_label is None]
         if comparison:
             parts.append("<h3>Runs compared</h3>")
@@ -311,6 +466,7 @@ def _render_html(
             own = [f for f in figures if f.set_name == set_name and f.run_label == run.label]
             if own:
                 parts.append(f"<h3>{html.escape(run.label)}</h3>")
+                parts.append(_speculation_html(run, set_name))
                 parts += [_figure_html(figure, out_dir, embed) for figure in own]
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -332,6 +488,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--embed", action="store_true", help="embed the images in report.html as base64")
     parser.add_argument("--dpi", type=int, default=100, help="PNG resolution (default: 100)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no final message")
+    parser.add_argument("--group-ignore", default="seed", metavar="KEYS",
+                        help="comma-separated config keys ignored when grouping runs over seeds (default: seed); "
+                             "'' to draw no seed groups")
     return parser
 
 
@@ -341,7 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ee-report: error: --dpi must be positive, got {args.dpi}", file=sys.stderr)
         return 2
     try:
-        report = build_report(args.paths, args.out, embed=args.embed, dpi=args.dpi, progress=not args.quiet)
+        ignore = [key for key in args.group_ignore.split(",") if key] or None
+        report = build_report(args.paths, args.out, embed=args.embed, dpi=args.dpi, progress=not args.quiet,
+                              group_ignore=ignore)
     except ReportError as error:
         print(f"ee-report: error: {error}", file=sys.stderr)
         return 2

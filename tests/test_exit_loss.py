@@ -166,3 +166,37 @@ def test_early_exit_aware_module_trains_plain_with_zero_weights_and_differently_
                                   "layer_dropout": 0.2}, kind="llama", dropout=0.0))
     assert torch.isfinite(aware).all()
     assert not torch.equal(aware, plain)  # it changes training, on purpose
+
+
+def test_moe_router_aux_loss_is_kept_under_the_early_exit_loss():
+    """Under early_exit=layerskip a Mixture-of-Experts model still trains its router's load-balancing loss:
+    loss = early-exit loss + router_aux_loss_coef · aux_loss, aux_loss as the model itself returns it."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        output_router_logits=True, router_aux_loss_coef=0.5))
+
+    class Holder(EarlyExitAwareLM):
+        pass
+
+    holder = Holder()
+    holder.model = model
+    holder.configure_early_exit(weights="layerskip", curriculum="none")
+    ids = pattern_tokens(4, 16, 64, 2)
+    out = holder.early_exit_step(ids, step=0)
+    _, states, reference = _forward_with_states(model, ids)   # an independent forward of the same batch
+    without_aux = holder.early_exit_loss(states, ids, 0, logits=reference.logits).loss
+    assert out.aux_loss is not None and float(reference.aux_loss) > 0
+    assert float(out.aux_loss) == pytest.approx(float(reference.aux_loss), rel=1e-6)
+    assert float(out.loss) == pytest.approx(float(without_aux) + 0.5 * float(reference.aux_loss), rel=1e-6)
+    # a dense model has no aux loss and its loss is unchanged
+    dense = Holder()
+    dense.model = tiny_llama()
+    dense.configure_early_exit(weights="layerskip", curriculum="none")
+    plain = dense.early_exit_step(ids, step=0)
+    assert plain.aux_loss is None
+    _, states, ref = _forward_with_states(dense.model, ids)
+    assert float(plain.loss) == pytest.approx(float(dense.early_exit_loss(states, ids, 0, logits=ref.logits).loss))

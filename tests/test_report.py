@@ -187,3 +187,52 @@ def test_console_script_is_installed(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "ee-report" in done.stderr  # the tqdm progress bar
     assert (tmp_path / "out" / "report.html").is_file()
+
+
+def _seed_run(root, name, seed, early_exit, eas_by_step, agree_last):
+    """A run directory as train.py writes it: config.yaml (own paths inside) and records with chosen EAS/agree."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(
+        f"seed: {seed}\nmodel:\n  name: tiny-llama\nearly_exit: {early_exit}\n"
+        f"paths:\n  output_dir: {run_dir}\ncallbacks:\n  ee_probe:\n    output_path: {run_dir}/ee_probes.jsonl\n")
+    records = []
+    for step, eas in eas_by_step.items():
+        record = make_record(step, n_layers=3, with_embedding=False)
+        record["summary"]["eas"] = eas
+        for row in record["layers"]:
+            row["agree"] = agree_last[row["layer"] - 1]
+        records.append(record)
+    write_jsonl(run_dir / "ee_probes.jsonl", records)
+    return run_dir
+
+
+def test_seeds_of_one_configuration_are_grouped_with_t_intervals(tmp_path):
+    plain = [_seed_run(tmp_path, f"p{s}", s, "{}", {0: 0.40, 100: v}, [a, 0.5, 1.0])
+             for s, v, a in ((1, 0.50, 0.1), (2, 0.56, 0.2), (3, 0.59, 0.6))]
+    aware = [_seed_run(tmp_path, f"a{s}", s, "{weights: layerskip}", {0: 0.40, 100: v}, [0.3, 0.5, 1.0])
+             for s, v in ((1, 0.60), (2, 0.62))]
+    report = build_report(plain + aware, tmp_path / "out", progress=False, dpi=40)
+
+    bands = report.find("compare_summary_seeds")
+    series = bands.data["series"]["eas"]
+    assert set(series) == {"tiny-llama · baseline (early_exit.weights=–)",
+                           "tiny-llama · baseline (early_exit.weights=layerskip)"}
+    steps, mean, half, n = series["tiny-llama · baseline (early_exit.weights=–)"]
+    # seeds 0.50, 0.56, 0.59: mean 0.55, s = sqrt((.0025 + .0001 + .0016)/2) = sqrt(.0021), t(0.975, 2) = 4.3027
+    assert steps == [0, 100] and n == 3
+    assert mean[1] == pytest.approx(0.55) and half[1] == pytest.approx(4.3027 * math.sqrt(0.0021) / math.sqrt(3), rel=1e-4)
+    assert mean[0] == pytest.approx(0.40) and half[0] == pytest.approx(0.0, abs=1e-12)
+    steps, mean, half, n = series["tiny-llama · baseline (early_exit.weights=layerskip)"]
+    # 0.60, 0.62: mean 0.61, s = 0.014142, t(0.975, 1) = 12.7062
+    assert n == 2 and mean[1] == pytest.approx(0.61) and half[1] == pytest.approx(12.7062 * 0.014142 / math.sqrt(2),
+                                                                                   rel=1e-4)
+    layers = report.find("compare_layers_agree_seeds").data["series"]["tiny-llama · baseline (early_exit.weights=–)"]
+    assert list(layers[0]) == [1, 2, 3] and layers[1][0] == pytest.approx(0.3)   # mean of .1, .2, .6
+    assert layers[2][0] == pytest.approx(4.3027 * math.sqrt(0.07) / math.sqrt(3), rel=1e-4)  # s² = (.04+.01+.09)/2
+    html_text = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "Configurations over seeds" in html_text and "0.550 ± 0.114" in html_text
+
+    # nothing to group: one run per configuration draws no seed figures
+    single = build_report(plain[:1] + aware[:1], tmp_path / "out2", progress=False, dpi=40)
+    assert not [f for f in single.figures if f.name.endswith("_seeds")]

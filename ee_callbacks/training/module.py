@@ -125,14 +125,16 @@ class LMModule(EarlyExitAwareLM, pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.early_exit_loss is not None or self.layer_dropout is not None:
+            # out.loss holds the early-exit loss plus router_aux_loss_coef · aux_loss for MoE models
             out = self.early_exit_step(batch["input_ids"], batch.get("attention_mask"), micro_batch=batch_idx)
-            loss, aux, total = out.final_loss, None, out.loss
+            loss, aux, total = out.final_loss, out.aux_loss, out.loss
             self.log("train/ee_loss", out.loss.detach(), on_step=True, on_epoch=False)
         else:
             loss, aux = self._losses(batch)
             total = loss
+            if aux is not None:
+                total = loss + float(getattr(self.model.config, "router_aux_loss_coef", 0.0)) * aux
         if aux is not None:
-            total = loss + float(getattr(self.model.config, "router_aux_loss_coef", 0.0)) * aux
             self.log("train/aux_loss", aux.detach(), on_step=True, on_epoch=False)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         optimizer = self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
