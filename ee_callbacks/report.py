@@ -191,7 +191,7 @@ def run_config(run: RunRecords) -> dict[str, Any] | None:
             except yaml.YAMLError:
                 continue
             if isinstance(loaded, dict):
-                own = {str(directory), str(directory.resolve())}
+                own = sorted({str(directory), str(directory.resolve())}, key=len, reverse=True)  # longest first
                 flat = _flatten(loaded)
                 for key, value in flat.items():
                     if isinstance(value, str):

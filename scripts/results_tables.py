@@ -1,15 +1,27 @@
 """Markdown tables for docs/results.md from experiment directories (each job directory holds ee_probes.jsonl).
 
     python scripts/results_tables.py outputs/results/arch_compare [more dirs ...]
+
+Jobs are grouped into configurations by their config.yaml with `seed` ignored (ee_callbacks.report.group_runs, the
+same grouping ee-report draws bands from). Every figure is the mean over a configuration's seeds ± the half-width of
+the 95% Student-t interval (n seeds in the table). The last table of each experiment holds the paper's direction next
+to ours: the difference of two sides with its 95% Welch interval; "resolved" when that interval excludes 0.
 """
 
 import csv
+import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ee_callbacks import read_records  # noqa: E402
+from ee_callbacks.plotting import ordered_records  # noqa: E402
+from ee_callbacks.report import group_runs, load_runs, run_config  # noqa: E402
+from ee_callbacks.stats import mean_ci, t_quantile_975  # noqa: E402
+
+FIGURES = (("val_loss", "val loss"), ("eas", "EAS"), ("oracle_skip_strict", "oracle skip strict"),
+           ("oracle_skip_lenient", "oracle skip lenient"), ("static_skip_5pct", "static 5% skip"),
+           ("skip@0.95/max_prob", "skip@0.95 max_prob"))
 
 
 def final_val_loss(job: Path):
@@ -20,43 +32,121 @@ def final_val_loss(job: Path):
     return values[-1] if values else None
 
 
-def fmt(value, digits=3):
-    return "–" if value is None else f"{value:.{digits}f}"
+def last_figures(run) -> dict:
+    last = ordered_records(run.for_set("default"))[-1]
+    summary = last["summary"]
+    return {"val_loss": final_val_loss(run.source.parent), "eas": summary.get("eas"),
+            "oracle_skip_strict": summary.get("oracle_skip_strict"),
+            "oracle_skip_lenient": summary.get("oracle_skip_lenient"),
+            "static_skip_5pct": summary.get("static_skip_5pct"),
+            "skip@0.95/max_prob": (summary.get("skip_at_consistency_0.95") or {}).get("max_prob")}
+
+
+def fmt_ci(values, digits=3) -> str:
+    mean, half, n = mean_ci(values)
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" + ("" if half is None else f" ± {half:.{digits}f}")
+
+
+def welch(a, b):
+    """Difference of means a − b and the half-width of its 95% Welch interval (None with < 2 values a side)."""
+    a = [x for x in a if x is not None]
+    b = [x for x in b if x is not None]
+    if len(a) < 2 or len(b) < 2:
+        return None, None
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1) / len(a)
+    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return ma - mb, 0.0
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return ma - mb, t_quantile_975(max(1, math.floor(df))) * se
+
+
+def groups_of(exp_dir: Path):
+    jobs = sorted((p for p in exp_dir.iterdir() if (p / "ee_probes.jsonl").exists()), key=lambda p: int(p.name)
+                  if p.name.isdigit() else 0)
+    runs = load_runs(jobs)
+    return group_runs(runs, ignore=("seed",))
+
+
+def config_rows(groups) -> list:
+    out = ["| configuration | family | layers | params | seeds | " + " | ".join(n for _, n in FIGURES) + " |",
+           "|---|---|---|---|---|" + "---|" * len(FIGURES)]
+    for label, members in groups.items():
+        model = members[0].records[-1]["model"]
+        figures = [last_figures(run) for run in members]
+        cells = [fmt_ci([f[key] for f in figures]) for key, _ in FIGURES]
+        out.append(f"| {label} | {model['family']} | {model['n_layers']} | {model['params']:,} | {len(members)} | "
+                   + " | ".join(cells) + " |")
+    return out
+
+
+def step_rows(groups) -> list:
+    steps = sorted({r["step"] for members in groups.values() for run in members for r in run.for_set("default")})
+    out = ["| configuration | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for label, members in groups.items():
+        cells = []
+        for step in steps:
+            at = [r["summary"] for run in members for r in run.for_set("default") if r["step"] == step]
+            cells.append(f"{fmt_ci([s.get('eas') for s in at], 2)} / {fmt_ci([s.get('oracle_skip_strict') for s in at], 2)}"
+                         if at else "–")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out
+
+
+def sides(exp: str, groups) -> list:
+    """(paper's direction, name of the higher side, its runs, name of the lower side, its runs) for the experiment."""
+    def runs_where(pred):
+        return [run for members in groups.values() for run in members if pred(run)]
+
+    family = lambda run: run.records[-1]["model"]["family"]  # noqa: E731
+    if exp == "arch_compare":
+        return [("dense > MoE", "dense", runs_where(lambda r: family(r) == "dense"), "moe",
+                 runs_where(lambda r: family(r) == "moe")),
+                ("MoE > SSM", "moe", runs_where(lambda r: family(r) == "moe"), "ssm",
+                 runs_where(lambda r: family(r) == "ssm")),
+                ("dense > SSM", "dense", runs_where(lambda r: family(r) == "dense"), "ssm",
+                 runs_where(lambda r: family(r) == "ssm"))]
+    if exp == "size_scan":
+        by_layers = sorted({run.records[-1]["model"]["n_layers"] for members in groups.values() for run in members})
+        name = {n: next(run.records[-1]["model"]["name"] for m in groups.values() for run in m
+                        if run.records[-1]["model"]["n_layers"] == n) for n in by_layers}
+        layers = lambda run: run.records[-1]["model"]["n_layers"]  # noqa: E731
+        return [("larger > smaller", name[hi], runs_where(lambda r, n=hi: layers(r) == n), name[lo],
+                 runs_where(lambda r, n=lo: layers(r) == n)) for lo, hi in zip(by_layers, by_layers[1:])]
+    if exp == "ee_aware":
+        aware = lambda run: (run_config(run) or {}).get("early_exit.weights") is not None  # noqa: E731
+        return [("ee-aware > plain", "layerskip", runs_where(aware), "plain", runs_where(lambda r: not aware(r)))]
+    return []
+
+
+def direction_rows(exp: str, groups) -> list:
+    out = ["| paper's direction | ours: higher − lower side | figure | difference (95% Welch interval) | resolved? |",
+           "|---|---|---|---|---|"]
+    for direction, hi_name, hi, lo_name, lo in sides(exp, groups):
+        for key, name in FIGURES[1:5]:
+            diff, half = welch([last_figures(r)[key] for r in hi], [last_figures(r)[key] for r in lo])
+            if diff is None:
+                continue
+            resolved = abs(diff) > half
+            verdict = ("yes, paper's direction" if diff > 0 else "yes, opposite") if resolved else "no"
+            out.append(f"| {direction} | {hi_name} (n={len(hi)}) − {lo_name} (n={len(lo)}) | {name} | "
+                       f"{diff:+.3f} ± {half:.3f} | {verdict} |")
+    return out
 
 
 def tables(exp_dir: Path) -> str:
-    jobs = sorted((p for p in exp_dir.iterdir() if (p / "ee_probes.jsonl").exists()), key=lambda p: p.name)
-    out = [f"### {exp_dir.name}", ""]
-    out.append("| job | model | family | layers | params | val loss | EAS (first → last) | oracle skip strict | "
-               "oracle skip lenient | static 5% skip | skip@0.95 max_prob | probe tokens |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    series = []
-    for job in jobs:
-        recs = [r for r in read_records(job / "ee_probes.jsonl") if r.get("set", "default") == "default"]
-        first, last = recs[0], recs[-1]
-        s0, s1 = first["summary"], last["summary"]
-        name = (last.get("run") or {}).get("name") or last["model"]["name"]
-        ee = ""
-        cfg = job / "config.yaml"
-        if cfg.exists() and "early_exit:" in cfg.read_text():
-            text = cfg.read_text()
-            ee = " (ee-aware)" if "curriculum" in text.split("early_exit:")[1][:400] else ""
-        out.append(
-            f"| {job.name} | {name}{ee} | {last['model']['family']} | {last['model']['n_layers']} | "
-            f"{last['model']['params']:,} | {fmt(final_val_loss(job))} | {fmt(s0.get('eas'))} → {fmt(s1.get('eas'))} | "
-            f"{fmt(s1.get('oracle_skip_strict'))} | {fmt(s1.get('oracle_skip_lenient'))} | "
-            f"{fmt(s1.get('static_skip_5pct'))} | {fmt((s1.get('skip_at_consistency_0.95') or {}).get('max_prob'))} | "
-            f"{last['probe']['tokens']} |")
-        series.append((f"{name}{ee}", recs))
-    out += ["", "EAS / oracle skip (strict) / static 5% skip over training steps:", ""]
-    steps = sorted({r["step"] for _, recs in series for r in recs})
-    out.append("| model | " + " | ".join(f"step {s}" for s in steps) + " |")
-    out.append("|---|" + "---|" * len(steps))
-    for name, recs in series:
-        by = {r["step"]: r["summary"] for r in recs}
-        cells = [f"{fmt(by[s].get('eas'), 2)} / {fmt(by[s].get('oracle_skip_strict'), 2)} / "
-                 f"{fmt(by[s].get('static_skip_5pct'), 2)}" if s in by else "–" for s in steps]
-        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    groups = groups_of(exp_dir)
+    exp = exp_dir.name
+    out = [f"### {exp}", "", "Last probe; mean over seeds ± 95% t-interval half-width:", ""]
+    out += config_rows(groups)
+    out += ["", "EAS / oracle skip (strict) at every probe, mean ± 95% t-interval over seeds:", ""]
+    out += step_rows(groups)
+    out += ["", "The paper's direction next to ours (last probe; families pool their models' seeds):", ""]
+    out += direction_rows(exp, groups)
     return "\n".join(out) + "\n"
 
 

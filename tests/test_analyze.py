@@ -108,3 +108,21 @@ def test_console_script_is_installed(tmp_path):
     exe = shutil.which("ee-analyze") or str(next(iter([sys.prefix + "/bin/ee-analyze"])))
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--revisions" in proc.stdout
+
+
+def test_speculate_records_a_measured_entry_beside_the_estimate(smoke_run, tmp_path):
+    out = tmp_path / "spec"
+    ckpt = smoke_run / "checkpoints" / "step_000020.ckpt"
+    assert analyze_main([str(ckpt), "--out", str(out), "--no-progress", "--logger", "none", "--speculate",
+                         "--spec-prompts", "2", "--spec-new-tokens", "6", "--spec-pairs", "2:2,7:1"]) == 0
+    (rec,) = read_records(out / "ee_probes.jsonl")
+    spec = rec["speculation"]
+    L = rec["model"]["n_layers"]
+    assert spec["supported"] and spec["prompts"] == 2 and spec["greedy"]["blocks_per_token"] == L
+    assert [(r["exit_layer"], r["draft_len"]) for r in spec["runs"]] == [(2, 2), (7, 1)]
+    agree = {row["layer"]: row["agree"] for row in rec["layers"]}
+    for run in spec["runs"]:
+        assert run["identical_to_greedy"] and run["tokens"] == 12
+        assert run["agree_probe"] == pytest.approx(agree[run["exit_layer"]])
+        assert run["speedup_blocks"] == pytest.approx(L / run["blocks_per_token"])
+    assert spec["runs"][1]["speedup_est"] == pytest.approx(1.0)  # k = 1: one token per full pass, whatever E
