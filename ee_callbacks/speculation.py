@@ -62,8 +62,10 @@ def spec_estimates(agree: Mapping[int, float], n_layers: int, draft_lengths: Ite
     """Every ``(E, k)`` estimate from per-layer agreement ``{E: agree_E}`` (layers ``1 ≤ E < L``; others ignored).
 
     Each row: ``exit_layer``, ``draft_len``, ``acceptance`` (= agree_E clamped to [0, 1]),
-    ``speedup_est`` = Σ_{i<k} a^i / ((k·E + L − E)/L) (DESIGN §3) and ``blocks_per_token_est`` =
-    (k·E + L) / Σ_{i≤k} a^i (transformers' implementation, see the module docstring).
+    ``speedup_est`` = Σ_{i<k} a^i / ((k·E + L − E)/L) (DESIGN §3), and what transformers' implementation (see the
+    module docstring) should measure under i.i.d. acceptance: ``blocks_per_token_est`` = (k·E + L) / Σ_{i≤k} a^i,
+    ``tokens_per_verification_est`` = Σ_{i≤k} a^i and ``acceptance_est`` = Σ_{i=1..k} a^i / k (accepted drafts per
+    draft: drafts after the first rejection of a cycle are wasted).
     """
     L = int(n_layers)
     if L < 2:
@@ -84,6 +86,8 @@ def spec_estimates(agree: Mapping[int, float], n_layers: int, draft_lengths: Ite
                 "acceptance": a,
                 "speedup_est": _geometric_sum(a, k) / ((k * E + L - E) / L),
                 "blocks_per_token_est": (k * E + L) / _geometric_sum(a, k + 1),
+                "tokens_per_verification_est": _geometric_sum(a, k + 1),
+                "acceptance_est": (_geometric_sum(a, k + 1) - 1.0) / k,
             })
     return rows
 
@@ -230,7 +234,8 @@ def measure_speculation(model: nn.Module, prompts: Sequence[torch.Tensor], pairs
     """Greedy decoding vs transformers' self-speculation for each ``(E, k)`` in ``pairs`` on ``prompts``.
 
     ``prompts``: 1-D (or ``(1, T)``) LongTensors. Returns ``{"supported", "reason", "greedy": {...}, "runs": [...]}``;
-    each run has ``exit_layer``, ``draft_len``, ``acceptance`` (accepted drafts / drafts), ``tokens_per_verification``
+    each run has ``exit_layer``, ``draft_len``, ``acceptance`` (accepted drafts / drafts, the usual draft acceptance
+    rate; a draft after a rejection in its cycle counts as not accepted), ``tokens_per_verification``
     (tokens emitted per full-model call), ``blocks_per_token``, ``block_positions_per_token`` (block calls weighted by
     the positions each processed), ``speedup_blocks`` (L / blocks_per_token), ``identical_to_greedy`` (every prompt's
     tokens equal greedy's), ``mismatched_prompts``, ``tokens`` and ``wall_s``. Unsupported models return
@@ -353,6 +358,7 @@ def speculate(model: nn.Module, record: Mapping, prompts: Sequence[torch.Tensor]
         est = by_pair.get((run["exit_layer"], run["draft_len"])) or {}
         run["agree_probe"] = est.get("acceptance")
         run["speedup_est"] = est.get("speedup_est")
-        run["blocks_per_token_est"] = est.get("blocks_per_token_est")
+        for key in ("blocks_per_token_est", "tokens_per_verification_est", "acceptance_est"):
+            run[key] = est.get(key)
     result["estimate_best"] = best
     return result

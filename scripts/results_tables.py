@@ -1,6 +1,7 @@
 """Markdown tables for docs/results.md from experiment directories (each job directory holds ee_probes.jsonl).
 
     python scripts/results_tables.py outputs/results/arch_compare [more dirs ...]
+    python scripts/results_tables.py --speculation outputs/spec/smollm2 [more ee-analyze --speculate outputs ...]
 
 Jobs are grouped into configurations by their config.yaml with `seed` ignored (ee_callbacks.report.group_runs, the
 same grouping ee-report draws bands from). Every figure is the mean over a configuration's seeds ± the half-width of
@@ -15,8 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ee_callbacks import read_records  # noqa: E402
 from ee_callbacks.plotting import ordered_records  # noqa: E402
 from ee_callbacks.report import group_runs, load_runs, run_config  # noqa: E402
+from ee_callbacks.speculation import spec_estimates  # noqa: E402
 from ee_callbacks.stats import mean_ci, t_quantile_975  # noqa: E402
 
 FIGURES = (("val_loss", "val loss"), ("eas", "EAS"), ("oracle_skip_strict", "oracle skip strict"),
@@ -150,6 +153,41 @@ def tables(exp_dir: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def speculation_table(out_dir: Path) -> str:
+    """Estimate vs measurement for each (E, k) of the last record with a ``speculation`` entry."""
+    rec = [r for r in read_records(out_dir / "ee_probes.jsonl") if r.get("speculation")][-1]
+    spec, L = rec["speculation"], rec["model"]["n_layers"]
+    name = rec["model"].get("name") or out_dir.name
+    if not spec.get("supported"):
+        return f"{name}: not measured — {spec.get('reason')}\n"
+    greedy = spec["greedy"]
+    out = [f"**{name}** (L = {L}; {spec['prompts']} prompts × {spec['prompt_tokens']} tokens, {spec['max_new_tokens']} "
+           f"new tokens each; greedy: {greedy['blocks_per_token']:.0f} block calls and "
+           f"{greedy['block_positions_per_token']:.1f} block-positions per token, {greedy['wall_s']:.1f} s)", "",
+           "| E | k | agree_E (probe) | DESIGN §3 speedup_est | acceptance est → measured | tokens/verification "
+           "est → measured | block calls/token est → measured | speedup in block calls | block-positions/token | "
+           "identical to greedy | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    agree = {row["layer"]: row.get("agree") for row in rec["layers"]}
+    for run in spec["runs"]:
+        E, k = run["exit_layer"], run["draft_len"]
+        if run.get("error"):
+            out.append(f"| {E} | {k} | error: {run['error']} |" + " |" * 8)
+            continue
+        (est,) = spec_estimates({E: agree[E]}, L, [k])
+        out.append(
+            f"| {E} | {k} | {est['acceptance']:.3f} | {est['speedup_est']:.3f} | {est['acceptance_est']:.3f} → "
+            f"{run['acceptance']:.3f} | {est['tokens_per_verification_est']:.2f} → {run['tokens_per_verification']:.2f} | "
+            f"{est['blocks_per_token_est']:.2f} → {run['blocks_per_token']:.2f} | {run['speedup_blocks']:.3f}× | "
+            f"{run['block_positions_per_token']:.1f} | {'yes' if run['identical_to_greedy'] else 'NO'} | "
+            f"{run['wall_s']:.1f} |")
+    return "\n".join(out) + "\n"
+
+
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        print(tables(Path(arg)))
+    args = sys.argv[1:]
+    if args and args[0] == "--speculation":
+        for arg in args[1:]:
+            print(speculation_table(Path(arg)))
+    else:
+        for arg in args:
+            print(tables(Path(arg)))

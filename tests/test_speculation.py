@@ -29,6 +29,8 @@ def test_estimate_matches_hand_computed_table(a, E, k, L, expected):
     assert row["speedup_est"] == pytest.approx(expected, rel=1e-12)
     # transformers' implementation: k·E + L block calls for Σ_{i≤k} a^i tokens
     assert row["blocks_per_token_est"] == pytest.approx((k * E + L) / sum(a ** i for i in range(k + 1)), rel=1e-12)
+    assert row["tokens_per_verification_est"] == pytest.approx(sum(a ** i for i in range(k + 1)), rel=1e-12)
+    assert row["acceptance_est"] == pytest.approx(sum(a ** i for i in range(1, k + 1)) / k, rel=1e-12)
 
 
 def test_estimate_never_beats_one_at_k1_and_ties_go_to_the_cheapest_transformers_run():
