@@ -170,3 +170,17 @@ def test_train_py_multirun_gives_each_job_its_own_directory(tmp_path):
         assert (job_dir / "checkpoints" / "last.ckpt").is_file()
         assert f"name: {model}" in (job_dir / "config.yaml").read_text()
         assert (job_dir / "csv" / "metrics.csv").is_file()
+
+
+def test_moe_under_layerskip_trains_its_router_aux_loss(tmp_path):
+    """train.py's module keeps a MoE router's load-balancing loss under early_exit=layerskip: it reaches the module
+    (logged every step; the sum it trains on is tested in test_exit_loss.py)."""
+    from ee_callbacks.training.train import train
+
+    cfg = compose_config(["experiment=smoke", NO_PROBE, "model=mixtral_tiny", "early_exit=layerskip",
+                          "trainer.max_steps=3", "trainer.log_every_n_steps=1", "validate_at_end=false",
+                          "trainer.val_check_interval=3", "~callbacks.model_checkpoint"], output_dir=tmp_path)
+    train(cfg)
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    aux = [float(r["train/aux_loss"]) for r in rows if r.get("train/aux_loss")]
+    assert len(aux) == 3 and all(a > 0 for a in aux)
