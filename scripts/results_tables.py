@@ -100,6 +100,20 @@ def step_rows(groups) -> list:
     return out
 
 
+def agree_rows(groups) -> list:
+    """agree per layer at the last probe (mean ± 95% t-interval over seeds), layers as columns."""
+    lasts = {label: [ordered_records(run.for_set("default"))[-1] for run in members] for label, members in groups.items()}
+    depth = max(row["layer"] for recs in lasts.values() for rec in recs for row in rec["layers"])
+    out = ["| configuration | " + " | ".join(f"ℓ={layer}" for layer in range(1, depth)) + " |",
+           "|---|" + "---|" * (depth - 1)]
+    for label, recs in lasts.items():
+        by_layer = [{row["layer"]: row.get("agree") for row in rec["layers"]} for rec in recs]
+        out.append(f"| {label} | " + " | ".join(fmt_ci([b.get(layer) for b in by_layer], 2)
+                                               if any(layer in b for b in by_layer) else "–"
+                                               for layer in range(1, depth)) + " |")
+    return out
+
+
 def sides(exp: str, groups) -> list:
     """(paper's direction, name of the higher side, its runs, name of the lower side, its runs) for the experiment."""
     def runs_where(pred):
@@ -148,6 +162,11 @@ def tables(exp_dir: Path) -> str:
     out += config_rows(groups)
     out += ["", "EAS / oracle skip (strict) at every probe, mean ± 95% t-interval over seeds:", ""]
     out += step_rows(groups)
+    depths = {members[0].records[-1]["model"]["n_layers"] for members in groups.values()}
+    if len(depths) == 1:  # one depth: layers line up
+        out += ["", "agree (top-1 equals the final top-1) per layer at the last probe, mean ± 95% t-interval over "
+                "seeds:", ""]
+        out += agree_rows(groups)
     out += ["", "The paper's direction next to ours (last probe; families pool their models' seeds):", ""]
     out += direction_rows(exp, groups)
     return "\n".join(out) + "\n"
