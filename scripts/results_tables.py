@@ -176,7 +176,7 @@ def speculation_table(out_dir: Path) -> str:
     """Estimate vs measurement for each (E, k) of the last record with a ``speculation`` entry."""
     rec = [r for r in read_records(out_dir / "ee_probes.jsonl") if r.get("speculation")][-1]
     spec, L = rec["speculation"], rec["model"]["n_layers"]
-    name = rec["model"].get("name") or out_dir.name
+    name = f"{rec['model'].get('name') or 'model'} — {out_dir.name}"
     if not spec.get("supported"):
         return f"{name}: not measured — {spec.get('reason')}\n"
     greedy = spec["greedy"]
