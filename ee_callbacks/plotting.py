@@ -21,20 +21,10 @@ import numpy as np
 if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, not with the data helpers (W&B extras use them)
     from matplotlib.figure import Figure
 
+from .metrics import registry
+
 # Per-layer metrics in the order tables and reports show them (DESIGN §3); unknown extra metrics follow, sorted.
-LAYER_METRICS = (
-    "agree",
-    "acc",
-    "ce",
-    "kl",
-    "entropy",
-    "max_prob",
-    "margin",
-    "logit_cos",
-    "logit_corr",
-    "hidden_cos_final",
-    "block_influence",
-)
+LAYER_METRICS = registry.REPORT_LAYER_PANELS
 # Skip-ratio summaries share one [0, 1] panel; EAS and the speculative estimate get their own.
 SKIP_SUMMARY_KEYS = ("oracle_skip_strict", "oracle_skip_lenient", "static_skip_5pct")
 CONSISTENCY_TARGETS = ("0.99", "0.95")

@@ -57,6 +57,25 @@ _DEFAULT_ENTROPY_THRESHOLDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# readout dtypes that work with an unembedding of a given dtype: the same precision or a narrower one
+_READOUT_DTYPES_FOR = {
+    torch.float64: ("float64", "float32", "bfloat16", "float16"),
+    torch.float32: ("float32", "bfloat16", "float16"),
+    torch.bfloat16: ("bfloat16",),
+    torch.float16: ("float16",),
+}
+
+
+def check_readout_dtype(readout_dtype: str, weight_dtype: torch.dtype) -> None:
+    """Reject a readout dtype the model's unembedding cannot run in, naming the ones it can."""
+    allowed = _READOUT_DTYPES_FOR.get(weight_dtype)
+    if allowed is not None and readout_dtype not in allowed:
+        raise ValueError(
+            f"ProbeConfig(dtype={readout_dtype!r}) cannot read out this model: its unembedding is "
+            f"{str(weight_dtype).replace('torch.', '')}; allowed for this model: {list(allowed)} (or cast the model)"
+        )
+
+
 def _default_thresholds() -> dict:
     return {
         "max_prob": list(_DEFAULT_THRESHOLDS),
@@ -139,6 +158,17 @@ class ProbeConfig:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
         if int(self.cka_batch_tokens) < 4:
             raise ValueError(f"cka_batch_tokens must be ≥ 4 (the unbiased HSIC needs n ≥ 4), got {self.cka_batch_tokens}")
+        if isinstance(self.cka_max_batches, bool) or int(self.cka_max_batches) != self.cka_max_batches \
+                or int(self.cka_max_batches) < 1:
+            raise ValueError(f"cka_max_batches must be an integer ≥ 1 (leave 'cka' out of metrics to turn CKA off), "
+                             f"got {self.cka_max_batches!r}")
+        self.cka_max_batches = int(self.cka_max_batches)
+        self.spec_draft_lengths = tuple(self.spec_draft_lengths)
+        if not self.spec_draft_lengths or any(isinstance(k, bool) or int(k) != k or int(k) < 1
+                                              for k in self.spec_draft_lengths):
+            raise ValueError(f"spec_draft_lengths must be integers ≥ 1 (draft tokens per cycle), e.g. (1, 2, 4), got "
+                             f"{list(self.spec_draft_lengths)}")
+        self.spec_draft_lengths = tuple(int(k) for k in self.spec_draft_lengths)
         self.consistency_levels = tuple(float(c) for c in self.consistency_levels)
         if any(not 0.0 <= c <= 1.0 for c in self.consistency_levels):
             raise ValueError(f"consistency_levels must lie in [0, 1], got {list(self.consistency_levels)}")
@@ -681,6 +711,7 @@ def run_probe(
     with ctx():  # under FSDP the weights are shards outside it
         if has_head and hasattr(parts.unembed, "weight"):
             vocab = int(parts.unembed.weight.shape[0])
+            check_readout_dtype(cfg.dtype, parts.unembed.weight.dtype)
         elif has_head and getattr(getattr(model_u, "config", None), "vocab_size", None):
             vocab = int(model_u.config.vocab_size)
         emb = model_u.get_input_embeddings() if hasattr(model_u, "get_input_embeddings") else None
@@ -710,6 +741,7 @@ def run_probe(
     token_top1: list = []  # per chunk: (L+1, n) top-1 ids of layers 0..L (row 0 may be a placeholder)
     token_conf = {"max_prob": [], "margin": [], "entropy": []}
     token_targets: list = []
+    token_sequences: list = []
     head_tokens: dict = {kind: {"top1": [], "conf": []} for kind in readouts}
     has_h0 = True
     cka_layers = None
@@ -769,6 +801,9 @@ def run_probe(
                 sel = valid.reshape(-1).to(device)
                 flat_states = [s.reshape(-1, s.shape[-1])[sel] if s is not None else None for s in states]
                 y = target.reshape(-1).to(device)[sel]
+                # one id per probe sequence (batch, row): self-speculation is simulated along each
+                rows_here = row0 + torch.arange(ids.shape[0])[:, None].expand(ids.shape)
+                sequence_ids = ((b_index << 32) + rows_here).reshape(-1)[sel.cpu()]
                 if cka_mask is not None:
                     csel = cka_mask[row0 : row0 + ids.shape[0]].reshape(-1).to(device)
                     cka_feats.append([s.reshape(-1, s.shape[-1])[csel] for s in states if s is not None])
@@ -867,6 +902,7 @@ def run_probe(
                             for k in token_conf:
                                 token_conf[k].append(conf[k].cpu())
                             token_targets.append(yc.cpu())
+                            token_sequences.append(sequence_ids[c0:c1])
                         for kind, head in readouts.items():
                             _head_chunk(kind, head, flat_states, c0, c1, final, rdtype, sums, head_tokens[kind], ws)
                         del final
@@ -885,10 +921,7 @@ def run_probe(
                     new_grams[b_index] = u.float().cpu()
                     prev = prev_grams.get(b_index)
                     if prev is not None and prev.shape == u.shape:
-                        prev = prev.to(u.device, torch.float64)
-                        cross = (prev * u).sum(dim=(1, 2))
-                        pself = (prev * prev).sum(dim=(1, 2))
-                        cself = (u * u).sum(dim=(1, 2))
+                        cross, pself, cself = sim_m.drift_sums(prev.to(u.device), u.float())
                         drift_cross = cross if drift_cross is None else drift_cross + cross
                         drift_prev_self = pself if drift_prev_self is None else drift_prev_self + pself
                         drift_cur_self = cself if drift_cur_self is None else drift_cur_self + cself
@@ -917,19 +950,25 @@ def run_probe(
         if token_top1:
             top1 = torch.cat(token_top1, dim=1)[exit_layers]
             targets = torch.cat(token_targets)
+            sequences = torch.cat(token_sequences)
             conf = {k: torch.cat(v, dim=1)[exit_layers] for k, v in token_conf.items()}
         else:
             top1 = torch.zeros(K, 0, dtype=torch.long)
-            targets = torch.zeros(0, dtype=torch.long)
+            targets = sequences = torch.zeros(0, dtype=torch.long)
             conf = {k: torch.zeros(K, 0) for k in token_conf}
         # a token with a non-finite readout at any layer has no defined exit or saturation layer: leave it out
         finite = torch.ones(top1.shape[1], dtype=torch.bool)
         for values in conf.values():
             finite &= torch.isfinite(values).all(dim=0)
         if not bool(finite.all()):
-            top1, targets = top1[:, finite], targets[finite]
+            top1, targets, sequences = top1[:, finite], targets[finite], sequences[finite]
             conf = {k: v[:, finite] for k, v in conf.items()}
         sums.add(("sat", "n"), torch.tensor(float(finite.sum()), dtype=torch.float64))
+        spec_rows = [row for row, layer in enumerate(exit_layers) if 1 <= layer < L]
+        if "spec" in fams and spec_rows:
+            accept = top1[spec_rows] == top1[-1]
+            sums.add(("spec", "cost"), suit_m.spec_cycle_costs(
+                accept, sequences, layers_ids[spec_rows], L, cfg.spec_draft_lengths))
         if "saturation" in fams:
             strict, lenient = sat_m.saturation_layers(top1, layers_ids)
             sums.add(("sat", "strict_sum"), strict.double().sum())
@@ -950,7 +989,7 @@ def run_probe(
                 ex = exits_m.patience_exit_layers(top1, k, layers_ids)
                 _add_outcomes(sums, ("exit", "patience", k), exits_m.exit_outcome_sums(ex, top1, targets, layers_ids))
         for kind, store in head_tokens.items():
-            _head_token_sums(kind, readouts[kind], store, top1, targets, layers_ids, cfg, sums, L)
+            _head_token_sums(kind, readouts[kind], store, top1, targets, layers_ids, cfg, sums, finite)
 
     # ---- one all-reduce of every sum, in a fixed order ---------------------------------------------------------------
     keys = sorted(sums.values, key=repr)
@@ -1040,8 +1079,11 @@ def _head_chunk(kind, head, flat_states, c0, c1, final, rdtype, sums, store, ws=
     store["conf"].append(conf_rows)
 
 
-def _head_token_sums(kind, head, store, top1_lens, targets, layers_ids, cfg, sums, L):
-    """Exit curve and oracle skip of one head; layers without a head fall back to the logit lens' top-1."""
+def _head_token_sums(kind, head, store, top1_lens, targets, layers_ids, cfg, sums, finite):
+    """Exit curve and oracle skip of one head; layers without a head fall back to the logit lens' top-1.
+
+    ``finite`` marks the tokens the logit lens kept (finite at every layer); the head drops the others too.
+    """
     layers_list = layers_ids.tolist()
     n = top1_lens.shape[1]
     is_conf = getattr(head, "kind", "logits") == "confidence"
@@ -1050,9 +1092,9 @@ def _head_token_sums(kind, head, store, top1_lens, targets, layers_ids, cfg, sum
     head_layers = set(int(l) for l in head.layers)
     for row, layer in enumerate(layers_list):
         if layer in head_layers and store["conf"]:
-            conf[row] = torch.cat([c[layer] for c in store["conf"]])
+            conf[row] = torch.cat([c[layer] for c in store["conf"]])[finite]
             if not is_conf:
-                top1[row] = torch.cat([t[layer] for t in store["top1"]])
+                top1[row] = torch.cat([t[layer] for t in store["top1"]])[finite]
     if n:
         conf[-1] = 1.0  # the final layer always exits
     thr = torch.tensor(cfg.thresholds.get("max_prob", list(_DEFAULT_THRESHOLDS)), dtype=torch.float32)
@@ -1204,10 +1246,16 @@ def _finalize(cfg, parts, model_u, sums, count, L, has_h0, has_head, exit_layers
             summary["spec_draft_layer"] = est.get("layer")
             summary["spec_draft_len"] = est.get("draft_len")
             summary["spec_acceptance"] = _num(est.get("acceptance")) if est.get("acceptance") is not None else None
-            summary["spec_assumptions"] = (
-                "estimate: acceptance = agree at the draft layer, independent per token; draft costs E/L of a full "
-                "pass per token, verification (L-E)/L per cycle reusing the draft's early-layer cache"
-            )
+            summary["spec_assumptions"] = suit_m.SPEC_ASSUMPTIONS
+        cost = sums.get(("spec", "cost"))
+        if spec_layers and cost is not None and n_sat > 0:
+            ks = torch.tensor(cfg.spec_draft_lengths)
+            draft_layers = torch.tensor([l for l in spec_layers if l >= 1])
+            runs = suit_m.best_speedup(torch.full_like(cost, n_sat), cost, draft_layers, ks)
+            summary["spec_speedup_est_runs"] = _num(runs["speedup"])
+            summary["spec_runs_draft_layer"] = runs["layer"]
+            summary["spec_runs_draft_len"] = runs["draft_len"]
+            summary["spec_runs_assumptions"] = suit_m.SPEC_RUNS_ASSUMPTIONS
     # heads
     for kind, head in readouts.items():
         rows_h = []
@@ -1234,9 +1282,9 @@ def _finalize(cfg, parts, model_u, sums, count, L, has_h0, has_head, exit_layers
             sim[-1] = 1.0
             if all(v is not None for v in sim):
                 summary[f"head_{kind}_eas"] = _num(suit_m.eas(torch.tensor(sim, dtype=torch.float64), L, cfg.eas_alpha))
-        if sums.get(("headsat", kind, "strict_sum")) is not None and count > 0:
+        if sums.get(("headsat", kind, "strict_sum")) is not None and n_sat > 0:
             summary[f"head_{kind}_oracle_skip_strict"] = _num(
-                1.0 - float(sums.get(("headsat", kind, "strict_sum"))) / count / L)
+                1.0 - float(sums.get(("headsat", kind, "strict_sum"))) / n_sat / L)
     # CKA
     if cka_sum is not None:
         diag = cka_sum.diagonal().clamp_min(0)

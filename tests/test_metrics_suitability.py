@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from ee_callbacks.metrics.suitability import eas, js_similarity, spec_speedup_estimate
+from ee_callbacks.metrics.suitability import (
+    acceptance_runs, best_speedup, eas, js_similarity, spec_cycle_costs, spec_speedup_estimate,
+)
 
 
 def test_eas_hand_computed():
@@ -64,26 +66,40 @@ def test_js_similarity_matches_float64_reference():
         js_similarity(logp, logq[:, :10])
 
 
-def test_spec_speedup_hand_computed():
-    layers = torch.arange(1, 5)
-    agree = torch.tensor([0.5, 0.0, 0.0, 1.0])
-    est = spec_speedup_estimate(agree, layers, 4, draft_lengths=[2])
-    # E=1, k=2, a=0.5: tokens (1 − 0.125)/0.5 = 1.75; cost 2·1/4 + 3/4 = 1.25 -> 1.4
-    assert est["speedup"] == pytest.approx(1.4)
-    assert (est["layer"], est["draft_len"]) == (1, 2)
-    assert est["tokens_per_cycle"] == pytest.approx(1.75)
-    assert est["acceptance"] == pytest.approx(0.5)
-    assert "estimate" in est["assumptions"]
-    # over k = 1..8 the best is k = 1: tokens 1.5, cost 1/4 + 3/4 = 1 -> 1.5
-    best = spec_speedup_estimate(agree, layers, 4)
-    assert best["speedup"] == pytest.approx(1.5) and best["draft_len"] == 1
+# (a, E, L, k) -> speedup, worked by hand: tokens (1 − a^k)/(1 − a) (k at a = 1), cost (k·E + L − E)/L
+HAND_TABLE = [
+    (0.5, 1, 4, 2, 1.5 / 1.25),              # tokens 1 + 0.5 = 1.5; cost (2 + 3)/4 = 1.25 -> 1.2
+    (0.9, 2, 4, 4, 3.439 / 2.5),             # 1 + .9 + .81 + .729 = 3.439; (8 + 2)/4 = 2.5 -> 1.3756
+    (1.0, 1, 4, 8, 8 / (11 / 4)),            # a = 1: 8 tokens; (8 + 3)/4 -> 32/11
+    (0.8, 3, 12, 3, 2.44 / 1.5),             # 1 + .8 + .64 = 2.44; (9 + 9)/12 = 1.5 -> 1.62667
+    (0.99, 3, 4, 1, 1.0 / 1.0),              # k = 1 emits one token per cycle at cost 1: never a gain
+    (1.0, 31, 32, 1, 1.0),                   # E = L − 1, k = 1, even at a = 1: exactly 1
+    (0.3, 2, 8, 5, (1 - 0.3 ** 5) / 0.7 / (18 / 8)),
+]
+
+
+@pytest.mark.parametrize("a, E, L, k, want", HAND_TABLE)
+def test_spec_speedup_hand_table(a, E, L, k, want):
+    est = spec_speedup_estimate(torch.tensor([a], dtype=torch.float64), torch.tensor([E]), L, draft_lengths=[k])
+    assert est["speedup"] == pytest.approx(max(want, 1.0), rel=1e-12)
+    if want > 1.0:
+        assert (est["layer"], est["draft_len"], est["acceptance"]) == (E, k, pytest.approx(a))
+        assert est["tokens_per_cycle"] == pytest.approx(want * (k * E + L - E) / L)
+    else:
+        assert est["layer"] is None and est["draft_len"] is None
+
+
+def test_spec_speedup_picks_the_best_pair():
+    # E = 1: a = .5 -> k = 1: 1/1 ; k = 2: 1.5/1.25 = 1.2 ; k = 3: 1.75/1.5 = 1.1667 ; E = 2, a = 0: 1/((2k+2)/4) < 1
+    est = spec_speedup_estimate(torch.tensor([0.5, 0.0, 0.0, 1.0]), torch.arange(1, 5), 4, draft_lengths=[1, 2, 3])
+    assert est["speedup"] == pytest.approx(1.2) and (est["layer"], est["draft_len"]) == (1, 2)
 
 
 def test_spec_speedup_acceptance_one_is_exact():
-    # a = 1 at E = 1 of L = 4: tokens k+1, cost (k+3)/4, increasing in k -> k = 8: 36/11
+    # a = 1 at E = 1 of L = 4: tokens k, cost (k+3)/4, increasing in k -> k = 8: 32/11
     est = spec_speedup_estimate(torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.arange(1, 5), 4)
-    assert est["speedup"] == pytest.approx(36 / 11)
-    assert est["draft_len"] == 8 and est["tokens_per_cycle"] == pytest.approx(9.0)
+    assert est["speedup"] == pytest.approx(32 / 11)
+    assert est["draft_len"] == 8 and est["tokens_per_cycle"] == pytest.approx(8.0)
 
 
 def test_spec_speedup_excludes_final_layer_and_reports_no_gain():
@@ -94,3 +110,31 @@ def test_spec_speedup_excludes_final_layer_and_reports_no_gain():
     assert est["speedup"] == 1.0 and est["layer"] is None
     with pytest.raises(ValueError, match="positive integers"):
         spec_speedup_estimate(torch.ones(4), torch.arange(1, 5), 4, draft_lengths=[0])
+
+
+def test_acceptance_runs_stop_at_rejections_and_sequence_ends():
+    accept = torch.tensor([[1, 1, 0, 1, 1, 1, 0, 0, 1]], dtype=torch.bool)
+    sequence = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    assert acceptance_runs(accept, sequence).tolist() == [[2, 1, 0, 1, 2, 1, 0, 0, 1]]
+
+
+def test_spec_cycles_simulated_along_sequences_by_hand():
+    """E = 2 of L = 4, sequences [1 1 0 1] and [1 1 0 0 1] (1 = the draft's token is the final one).
+
+    k = 1: 9 cycles of cost 1 -> 9. k = 2 (cost 1.5, or 1 for a 1-token tail): seq 0: emit 2 (1.5), 1 (1.5), tail 1
+    (1) = 4; seq 1: 2 (1.5), 1 (1.5), 1 (1.5), tail 1 (1) = 5.5 -> 9.5. k = 3 (cost 2): seq 0: emit 3 (2), tail 1 (1)
+    = 3; seq 1: 3 (2), then 2 left: drafts 2, rejected at once, emits 1 (1.5), tail 1 (1) = 4.5 -> 7.5.
+    """
+    accept = torch.tensor([[1, 1, 0, 1, 1, 1, 0, 0, 1]], dtype=torch.bool)
+    sequence = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    cost = spec_cycle_costs(accept, sequence, torch.tensor([2]), 4, [1, 2, 3])
+    assert cost.tolist() == [[9.0, 9.5, 7.5]]
+    best = best_speedup(torch.full_like(cost, 9.0), cost, torch.tensor([2]), torch.tensor([1, 2, 3]))
+    assert best["speedup"] == pytest.approx(9 / 7.5) and best["draft_len"] == 3
+
+
+def test_runs_never_beat_one_with_the_last_block_and_single_drafts():
+    accept = torch.ones(1, 50, dtype=torch.bool)
+    sequence = torch.arange(50) // 10
+    cost = spec_cycle_costs(accept, sequence, torch.tensor([7]), 8, [1])
+    assert cost.tolist() == [[50.0]]

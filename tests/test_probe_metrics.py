@@ -132,14 +132,30 @@ def test_saturation_exits_static_eas_match_reference(setup):
     w = np.array([(LAYERS - l) / LAYERS for l in range(1, LAYERS + 1)])
     assert s["eas"] == pytest.approx(float(np.mean(np.sqrt(S) * np.sqrt(w))), rel=1e-4)
     assert s["eas_similarity"] == "logit_corr" and s["eas_alpha"] == 0.5
-    # spec estimate: best over E<L and k of (1-a^{k+1})/(1-a) / (k E/L + (L-E)/L)
+    # spec estimate: best over E<L and k of (1-a^k)/(1-a) / ((k E + L - E)/L) (no bonus token)
     best = 1.0
     for E in range(1, LAYERS):
         a = ref["agree"][E]
         for k in range(1, 9):
-            tokens = sum(a ** i for i in range(k + 1))
-            best = max(best, tokens / (k * E / LAYERS + (LAYERS - E) / LAYERS))
+            tokens = sum(a ** i for i in range(k))
+            best = max(best, tokens / ((k * E + LAYERS - E) / LAYERS))
     assert s["spec_speedup_est"] == pytest.approx(best, rel=1e-6)
+    # the same cycle along each sequence with the observed acceptance, one token at a time
+    best_runs = 1.0
+    B, Tn = ids.shape
+    for E in range(1, LAYERS):
+        for k in range(1, 9):
+            cost = 0.0
+            for b in range(B):
+                accepted = [top1[E, b * (Tn - 1) + t] == top1[LAYERS, b * (Tn - 1) + t] for t in range(Tn - 1)]
+                t = 0
+                while t < Tn - 1:
+                    drafted = min(k, Tn - 1 - t)
+                    run = next((i for i in range(drafted) if not accepted[t + i]), drafted)
+                    cost += (drafted * E + LAYERS - E) / LAYERS
+                    t += min(run + 1, drafted)
+            best_runs = max(best_runs, B * (Tn - 1) / cost)
+    assert s["spec_speedup_est_runs"] == pytest.approx(best_runs, rel=1e-12)
 
 
 def test_similarity_metrics_match_reference(setup):

@@ -11,7 +11,11 @@ import pytest
 
 from tests.probe_fixture_cases import FIXTURE, cases, probe_twice
 
-CHANGED_ON_PURPOSE: dict = {}
+SPEC_FIX = ("summary.spec_",)  # issue 15: no bonus token, cost (k·E + L − E)/L; new spec_speedup_est_runs
+# issue 15: per-minibatch 1/(n(n−3)) weighting of CKA drift; changes drift only where minibatches differ in size
+# (here: 33 and 13 tokens, or 16 and 7; 'default' draws equal minibatches of 8 tokens and keeps its pinned drift)
+DRIFT_FIX = ("cka_drift", "summary.cka_drift_mean") + tuple(f"layers[{i}].cka_drift" for i in range(5))
+CHANGED_ON_PURPOSE: dict = {"*": SPEC_FIX, "agree": DRIFT_FIX, "heads_js": DRIFT_FIX, "float64_cos": DRIFT_FIX}
 
 
 def _differences(got, want, path="") -> list:

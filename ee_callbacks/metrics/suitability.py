@@ -14,13 +14,18 @@ from torch import Tensor
 
 from ee_callbacks.metrics.saturation import check_layers
 
-__all__ = ["eas", "js_similarity", "spec_speedup_estimate"]
+__all__ = ["eas", "js_similarity", "spec_speedup_estimate", "acceptance_runs", "spec_cycle_costs", "best_speedup"]
 
 SPEC_ASSUMPTIONS = (
-    "estimate, not a measurement: per-token acceptance a = agree at the draft layer, independent across positions; "
-    "expected tokens per cycle (1 - a^(k+1))/(1 - a); cost per cycle k*E/L + (L - E)/L full passes (verification "
-    "runs only layers E+1..L over the drafts, reusing the draft's early-layer cache); cost in blocks only "
-    "(no unembedding, attention-length or memory-bandwidth effects)"
+    "estimate, not a measurement: a cycle drafts k tokens with blocks 1..E (k passes of E blocks) and verifies them "
+    "with blocks E+1..L over the k positions, reusing the draft's early-layer cache: cost (k*E + L - E)/L full passes; "
+    "it emits the accepted prefix plus the full model's token at the first rejection, at most k tokens (no bonus "
+    "token: it would need a (k+1)-th draft pass); acceptance a = agree at the draft layer, independent per token, "
+    "expected tokens (1 - a^k)/(1 - a); cost in blocks only (no unembedding, attention-length or bandwidth effects)"
+)
+SPEC_RUNS_ASSUMPTIONS = (
+    "the same cycle simulated along each probe sequence with the observed per-token acceptance (top-1 at the draft "
+    "layer = final top-1), instead of an independent acceptance rate"
 )
 
 
@@ -87,39 +92,106 @@ def spec_speedup_estimate(
     """LayerSkip-style self-speculative decoding speedup — an ESTIMATE from per-layer agreement, not a measurement.
 
     For draft exit layer ``E`` (candidates with ``1 ≤ E < L``) with acceptance ``a = clamp(agree_E, 0, 1)`` and draft
-    length ``k``: tokens per cycle ``T = Σ_{i=0..k} a^i = (1 − a^{k+1})/(1 − a)`` (``= k + 1`` at ``a = 1``, exact
-    since it is computed as the sum), cost ``C = k·E/L + (L − E)/L`` full-model passes, speedup ``T / C``.
-    Returns the best ``{"speedup", "layer", "draft_len", "tokens_per_cycle", "acceptance", "assumptions"}``
-    (ties go to the shallower layer, then the shorter draft). If no pair beats 1.0 (or no candidate exists):
-    ``speedup = 1.0``, ``tokens_per_cycle = 1.0`` and ``layer``/``draft_len``/``acceptance`` None.
+    length ``k``: expected tokens per cycle ``T = Σ_{i=0..k−1} a^i = (1 − a^k)/(1 − a)`` (``= k`` at ``a = 1``; the
+    accepted prefix plus the full model's token at the first rejection), cost ``C = (k·E + L − E)/L`` full-model
+    passes, speedup ``T / C``. With ``E = L − 1`` and ``k = 1`` it is exactly 1. Returns the best
+    ``{"speedup", "layer", "draft_len", "tokens_per_cycle", "acceptance", "assumptions"}`` (ties go to the shallower
+    layer, then the shorter draft). If no pair beats 1.0 (or no candidate exists): ``speedup = 1.0``,
+    ``tokens_per_cycle = 1.0`` and ``layer``/``draft_len``/``acceptance`` None.
     """
     if n_layers < 1:
         raise ValueError(f"n_layers must be a positive number of blocks, got {n_layers}")
     agree = torch.as_tensor(agree).detach().reshape(-1).double().cpu()
     layers = check_layers(layers, agree.numel()).cpu()
+    ks = _draft_lengths(draft_lengths)
+    keep = (layers >= 1) & (layers < n_layers) & ~torch.isnan(agree)
+    draft_layer = layers[keep].double()                          # (E,)
+    accept = agree[keep].clamp(0.0, 1.0)                         # (E,)
+    powers = accept[:, None] ** torch.arange(int(ks.max()), dtype=torch.float64)   # (E, kmax): a^i, i < kmax
+    tokens = powers.cumsum(-1)[:, ks - 1]                        # (E, D): Σ_{i<k} a^i
+    result = best_speedup(tokens, _cycle_cost(draft_layer, ks, n_layers), draft_layer, ks)
+    if result["layer"] is not None:
+        row = int((draft_layer == result["layer"]).nonzero()[0])
+        result["acceptance"] = float(accept[row])
+    result["assumptions"] = SPEC_ASSUMPTIONS
+    return result
+
+
+def _draft_lengths(draft_lengths: Iterable[int]) -> Tensor:
     ks = torch.as_tensor(list(draft_lengths), dtype=torch.long)
     if ks.numel() == 0 or bool((ks < 1).any()):
         raise ValueError(f"draft_lengths must be positive integers, got {ks.tolist()}")
-    none = {"speedup": 1.0, "layer": None, "draft_len": None, "tokens_per_cycle": 1.0, "acceptance": None,
-            "assumptions": SPEC_ASSUMPTIONS}
-    keep = (layers >= 1) & (layers < n_layers) & ~torch.isnan(agree)
-    if not bool(keep.any()):
+    return ks
+
+
+def _cycle_cost(draft_layer: Tensor, ks: Tensor, n_layers: int) -> Tensor:
+    """Full-model passes of one cycle, (E, D): ``(k·E + L − E)/L``."""
+    return (ks.double()[None, :] * draft_layer[:, None] + (n_layers - draft_layer[:, None])) / n_layers
+
+
+def best_speedup(tokens: Tensor, cost: Tensor, draft_layer: Tensor, ks: Tensor) -> dict:
+    """The best ``tokens / cost`` over draft layers (rows) and draft lengths (columns); 1.0 with no choice when no
+    pair beats plain decoding (first maximum: shallowest layer, then shortest draft)."""
+    none = {"speedup": 1.0, "layer": None, "draft_len": None, "tokens_per_cycle": 1.0, "acceptance": None}
+    if tokens.numel() == 0:
         return none
-    draft_layer = layers[keep].double()                          # (E,)
-    accept = agree[keep].clamp(0.0, 1.0)                         # (E,)
-    powers = accept[:, None] ** torch.arange(int(ks.max()) + 1, dtype=torch.float64)   # (E, kmax+1): a^i
-    tokens = powers.cumsum(-1)[:, ks]                            # (E, D): Σ_{i≤k} a^i
-    cost = (ks.double()[None, :] * draft_layer[:, None] + (n_layers - draft_layer[:, None])) / n_layers
     speedup = tokens / cost
-    best = int(torch.argmax(speedup.reshape(-1)))                # first maximum: shallowest E, then shortest k
-    e_row, k_col = divmod(best, ks.numel())
-    if not float(speedup[e_row, k_col]) > 1.0:
+    best = int(torch.argmax(speedup.reshape(-1)))
+    row, col = divmod(best, ks.numel())
+    if not float(speedup[row, col]) > 1.0:
         return none
-    return {
-        "speedup": float(speedup[e_row, k_col]),
-        "layer": int(draft_layer[e_row]),
-        "draft_len": int(ks[k_col]),
-        "tokens_per_cycle": float(tokens[e_row, k_col]),
-        "acceptance": float(accept[e_row]),
-        "assumptions": SPEC_ASSUMPTIONS,
-    }
+    return {"speedup": float(speedup[row, col]), "layer": int(draft_layer[row]), "draft_len": int(ks[col]),
+            "tokens_per_cycle": float(tokens[row, col]), "acceptance": None}
+
+
+def acceptance_runs(accept: Tensor, sequence: Tensor) -> Tensor:
+    """Per token, how many consecutive tokens from it on (itself included, same sequence) are accepted.
+
+    ``accept`` (E, N) bool, tokens in sequence order; ``sequence`` (N,) ids, each sequence's tokens contiguous.
+    ``run_t = accept_t · (1 + run_{t+1})`` when token t+1 belongs to the same sequence, else ``accept_t``.
+    """
+    n = accept.shape[1]
+    if n == 0:
+        return torch.zeros_like(accept, dtype=torch.long)
+    backwards = accept.flip(-1)
+    seq = sequence.flip(-1)
+    index = torch.arange(n)
+    starts = torch.ones(n, dtype=torch.bool)                     # a new sequence, read backwards
+    starts[1:] = seq[1:] != seq[:-1]
+    marker = torch.where(starts, index - 1, torch.full_like(index, -1)).expand_as(backwards)
+    marker = torch.where(backwards, marker, index.expand_as(backwards))   # a rejected token ends every run
+    last_break = torch.cummax(marker, dim=-1).values
+    return torch.where(backwards, index - last_break, 0).flip(-1)
+
+
+def spec_cycle_costs(accept: Tensor, sequence: Tensor, draft_layers: Tensor, n_layers: int,
+                     draft_lengths: Iterable[int]) -> Tensor:
+    """Total full-model passes to emit every probe token by self-speculation, simulated along the sequences, (E, D).
+
+    Each sequence is decoded in cycles from its first token: a cycle at position t drafts ``k' = min(k, tokens left)``
+    tokens at cost ``(k'·E + L − E)/L`` and emits ``min(run_t + 1, k')`` tokens (``run_t`` from
+    :func:`acceptance_runs` on row E of ``accept``). Tokens emitted always total N, so speedup = N / cost.
+    """
+    ks = _draft_lengths(draft_lengths)
+    runs = acceptance_runs(accept, sequence)                     # (E, N)
+    n = sequence.numel()
+    bounds = torch.ones(n + 1, dtype=torch.bool)
+    if n:
+        bounds[1:-1] = sequence[1:] != sequence[:-1]
+    edges = bounds.nonzero().squeeze(1)
+    start, end = edges[:-1], edges[1:]                           # (S,) each
+    n_draft = draft_layers.numel()
+    position = start.expand(n_draft, ks.numel(), -1).clone()     # (E, D, S)
+    end = end.expand_as(position)
+    k = ks[None, :, None].expand_as(position)
+    e = draft_layers.double()[:, None, None]
+    rows = torch.arange(n_draft)[:, None, None].expand_as(position)
+    cost = torch.zeros(n_draft, ks.numel(), dtype=torch.float64)
+    active = position < end
+    while bool(active.any()):
+        drafted = torch.minimum(k, end - position)
+        emitted = torch.minimum(runs[rows, position.clamp_max(max(n - 1, 0))] + 1, drafted)
+        cost += torch.where(active, (drafted * e + n_layers - e) / n_layers, 0.0).sum(-1)
+        position = torch.where(active, position + emitted, position)
+        active = position < end
+    return cost

@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional
 
+from ..metrics import registry
+
 __all__ = ["LAYER_METRICS", "flatten_record_metrics", "log_to_loggers", "format_record_table"]
 
-LAYER_METRICS = (
-    "agree", "acc", "ce", "kl", "entropy", "max_prob", "margin", "logit_cos", "logit_corr", "js_sim",
-    "hidden_cos_final", "block_influence", "saturation_frac", "cka_drift",
-)
-HEAD_METRICS = ("ce", "agree", "acc", "kl", "mean_conf", "lens_agree")
+LAYER_METRICS = registry.names("layer")
+HEAD_METRICS = registry.names("head")
 
 
 def _finite(value) -> bool:
@@ -30,24 +29,24 @@ def flatten_record_metrics(record: dict, prefix: str = "ee") -> dict:
         for metric in LAYER_METRICS:
             value = row.get(metric)
             if _finite(value):
-                out[f"{prefix}/{metric}/layer_{layer:02d}"] = float(value)
+                out[registry.layer_key(prefix, metric, layer)] = float(value)
     for name, value in (record.get("summary") or {}).items():
         if isinstance(value, dict):
             for sub, v in value.items():
                 if _finite(v):
-                    out[f"{prefix}/summary/{name}/{sub}"] = float(v)
+                    out[registry.summary_key(prefix, f"{name}/{sub}")] = float(v)
         elif _finite(value):
-            out[f"{prefix}/summary/{name}"] = float(value)
+            out[registry.summary_key(prefix, name)] = float(value)
     probe_s = (record.get("timing") or {}).get("probe_s")
     if _finite(probe_s):
-        out[f"{prefix}/summary/probe_s"] = float(probe_s)
+        out[registry.summary_key(prefix, "probe_s")] = float(probe_s)
     for kind, rows in (record.get("heads") or {}).items():
         for row in rows:
             layer = row.get("layer")
             for metric in HEAD_METRICS:
                 value = row.get(metric)
                 if _finite(value):
-                    out[f"{prefix}/heads/{kind}/{metric}/layer_{layer:02d}"] = float(value)
+                    out[registry.head_key(prefix, kind, metric, layer)] = float(value)
     return out
 
 
