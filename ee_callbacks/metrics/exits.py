@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ee_callbacks.metrics.accumulator import Accumulator
 from ee_callbacks.metrics.saturation import check_layers, first_true_index
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "finalize_curve",
     "best_skip_at_consistency",
     "static_exit",
+    "ExitRuleStats",
 ]
 
 # Booleans materialised per chunk by threshold_exit_layers when no chunk size is given (M·K·chunk ≤ this).
@@ -246,3 +248,23 @@ def static_exit(
     row = int(first_true_index(qualifies, dim=0))
     layer = int(layers[row]) if row < layers.numel() else int(n_layers)
     return layer, 1.0 - layer / n_layers
+
+
+class ExitRuleStats(Accumulator):
+    """Outcome sums of one exit rule at M operating points (thresholds or patience values), see
+    :func:`exit_outcome_sums`; ``compute(points, L)`` gives the trade-off curve."""
+
+    def __init__(self, n_points: int):
+        super().__init__()
+        for name in ("exit_sum", "consistent_sum", "correct_sum", "count"):
+            self.add_state(name, torch.zeros(int(n_points)))
+
+    def update(self, exit_layers: Tensor, top1: Tensor, labels: Tensor, layers: Tensor) -> None:
+        """Add a chunk: exit layers (M, n), per-layer top-1 (K, n), labels (n,), candidate ``layers`` (K,)."""
+        for name, value in exit_outcome_sums(exit_layers, top1, labels, layers).items():
+            self._add(name, value)
+
+    def compute(self, points, n_layers: int) -> list:
+        if float(self.count.sum()) == 0:
+            return []
+        return finalize_curve(self.states(), points, n_layers)

@@ -12,12 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ee_callbacks.metrics.accumulator import Accumulator
+
 __all__ = [
     "check_layers",
     "first_true_index",
     "saturation_layers",
     "saturation_histogram",
     "oracle_skip",
+    "SaturationStats",
 ]
 
 
@@ -105,3 +108,38 @@ def oracle_skip(sat: Tensor, n_layers: int) -> float:
     if sat.numel() == 0:
         return float("nan")
     return float(1.0 - sat.double().mean() / n_layers)
+
+
+class SaturationStats(Accumulator):
+    """Strict and lenient saturation layers as sums: ``oracle_skip = 1 − Σ_t ℓ_t / (n·L)``, histograms of ℓ*, ℓ°."""
+
+    def __init__(self, layers: Tensor, n_layers: int):
+        super().__init__()
+        self.layers = check_layers(layers)
+        self.n_layers = int(n_layers)
+        for name in ("strict_sum", "lenient_sum", "count"):
+            self.add_state(name, torch.zeros(()))
+        self.add_state("hist_strict", torch.zeros(self.n_layers + 1))
+        self.add_state("hist_lenient", torch.zeros(self.n_layers + 1))
+
+    def update(self, top1: Tensor) -> None:
+        """Add a chunk of per-layer top-1 ids (K, n), rows ``layers``."""
+        strict, lenient = saturation_layers(top1, self.layers)
+        self._add("strict_sum", strict.double().sum())
+        self._add("lenient_sum", lenient.double().sum())
+        self._add("hist_strict", saturation_histogram(strict, self.n_layers).double())
+        self._add("hist_lenient", saturation_histogram(lenient, self.n_layers).double())
+        self._add("count", torch.tensor(float(top1.shape[1])))
+
+    def compute(self) -> dict:
+        n, L = float(self.count), self.n_layers
+        if n == 0:
+            return {}
+        return {
+            "oracle_skip_strict": 1.0 - float(self.strict_sum) / n / L,
+            "oracle_skip_lenient": 1.0 - float(self.lenient_sum) / n / L,
+            "saturation_mean_strict": float(self.strict_sum) / n,
+            "hist_strict": [int(v) for v in self.hist_strict.round().tolist()],
+            "hist_lenient": [int(v) for v in self.hist_lenient.round().tolist()],
+            "count": n,
+        }

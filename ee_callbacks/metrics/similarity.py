@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ee_callbacks.metrics.accumulator import Accumulator
+
 __all__ = [
     "gram_linear",
     "u_centre",
@@ -97,27 +99,28 @@ def cka_from_sums(cross: Tensor, self_a: Tensor, self_b: Tensor) -> Tensor:
     return torch.where(ok, cross / safe.sqrt(), torch.full_like(cross, float("nan")))
 
 
-class MinibatchCKA:
+class MinibatchCKA(Accumulator):
     """Streaming linear CKA (unbiased HSIC) between all K layers, summed over minibatches.
 
     ``update(features)`` adds ``H^b_ij = HSIC_1(K_i^b, K_j^b)`` to a float64 running sum ``S`` (K, K) and counts
     the minibatch; ``compute()`` returns ``CKA_ij = S_ij / sqrt(S_ii S_jj)`` (NaN where undefined).
-    ``state_tensor()`` packs ``[S.flatten(), count]`` into one float64 vector that ranks may all-reduce (sum), then
-    ``load_state_tensor`` the result back.
+    States (summed across ranks by a :class:`~ee_callbacks.metrics.accumulator.MetricSuite`): ``hsic_sum``,
+    ``minibatches``; ``state_tensor()`` / ``load_state_tensor`` pack them into one vector.
     """
 
     def __init__(self, n_reps: int, *, device: torch.device | str | None = None):
-        """``n_reps``: number of representations (layers) K compared; ``device`` of the running sums."""
+        """``n_reps``: number of representations (layers) K compared; ``device`` is accepted for compatibility
+        (sums are kept in float64 on the CPU)."""
+        super().__init__()
         if int(n_reps) != n_reps or n_reps < 1:
             raise ValueError(f"n_reps must be a positive number of layers, got {n_reps!r}")
         self.n_reps = int(n_reps)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.reset()
+        self.add_state("hsic_sum", torch.zeros(self.n_reps, self.n_reps))
+        self.add_state("minibatches", torch.zeros(()))
 
-    def reset(self) -> None:
-        """Zero the running sums and the minibatch count."""
-        self.hsic_sum = torch.zeros(self.n_reps, self.n_reps, dtype=torch.float64, device=self.device)
-        self.n_minibatches = 0
+    @property
+    def n_minibatches(self) -> int:
+        return int(round(float(self.minibatches)))
 
     def update(self, features: Tensor | Sequence[Tensor], *, return_ucentred: bool = False) -> Tensor | None:
         """Add one minibatch: ``features`` (K, n, d) (same n tokens for every layer, n ≥ 4).
@@ -128,12 +131,8 @@ class MinibatchCKA:
         if grams.shape[0] != self.n_reps:
             raise ValueError(f"expected features for {self.n_reps} layers, got {grams.shape[0]}")
         ucentred = u_centre(grams)
-        hsic = hsic_all_pairs(ucentred)
-        if self.hsic_sum.device != hsic.device:
-            self.hsic_sum = self.hsic_sum.to(hsic.device)
-            self.device = hsic.device
-        self.hsic_sum += hsic
-        self.n_minibatches += 1
+        self._add("hsic_sum", hsic_all_pairs(ucentred))
+        self._add("minibatches", torch.ones(()))
         return ucentred if return_ucentred else None
 
     def compute(self) -> Tensor:
@@ -143,8 +142,7 @@ class MinibatchCKA:
 
     def state_tensor(self) -> Tensor:
         """One float64 vector ``[S.flatten() (K·K), count]``; summing it across ranks merges the accumulators."""
-        count = torch.tensor([float(self.n_minibatches)], dtype=torch.float64, device=self.hsic_sum.device)
-        return torch.cat([self.hsic_sum.reshape(-1), count])
+        return torch.cat([self.hsic_sum.reshape(-1), self.minibatches.reshape(1)])
 
     def load_state_tensor(self, state: Tensor) -> None:
         """Inverse of ``state_tensor`` (e.g. after an all-reduce)."""
@@ -153,8 +151,7 @@ class MinibatchCKA:
             raise ValueError(f"state tensor must be 1-D with {size} entries, got shape {tuple(state.shape)}")
         state = state.to(torch.float64)
         self.hsic_sum = state[:-1].reshape(self.n_reps, self.n_reps).clone()
-        self.device = self.hsic_sum.device
-        self.n_minibatches = int(round(float(state[-1])))
+        self.minibatches = state[-1].clone()
 
 
 def drift_sums(previous: Tensor, current: Tensor) -> Tensor:
@@ -180,7 +177,7 @@ def drift_sums(previous: Tensor, current: Tensor) -> Tensor:
     ]) * scale
 
 
-class CKADrift:
+class CKADrift(Accumulator):
     """CKA of each layer against the same layer at the previous probe (representation drift over training).
 
     Minibatch ``b`` of this probe is paired with minibatch ``b`` of the previous probe (the probe set is fixed, so
@@ -188,17 +185,18 @@ class CKADrift:
 
         drift_k = Σ_b HSIC_1(U_prev_bk, U_cur_bk) / sqrt(Σ_b HSIC_1(U_prev_bk, U_prev_bk) · Σ_b HSIC_1(U_cur_bk, U_cur_bk)).
 
-    Use: ``begin_probe()``; ``update(ucentred)`` per minibatch (the U-centred Grams returned by
-    ``MinibatchCKA.update(..., return_ucentred=True)``); all-reduce ``state_tensor()`` if distributed and
-    ``load_state_tensor``; ``compute()``; ``end_probe()`` (the current Grams become the reference).
-    Minibatches without a partner (first probe, or a longer probe) only get stored. The stored Grams take
-    ``K·n²·B`` values in ``storage_dtype`` on ``storage_device`` (default float32 on CPU: 4 bytes each).
-    ``state_dict()`` / ``load_state_dict()`` carry the stored Grams across a resume.
+    Use: ``begin_probe()``; ``update(ucentred, key)`` per minibatch (the U-centred Grams returned by
+    ``MinibatchCKA.update(..., return_ucentred=True)``; ``key`` names the minibatch, default its call index since
+    ``begin_probe``); reduce the states ``sums`` (3, K) and ``pairs`` across ranks if distributed; ``compute()``;
+    ``end_probe()`` (the current Grams become the reference). Minibatches without a partner only get stored. The
+    stored Grams take ``K·n²·B`` values in ``storage_dtype`` on ``storage_device`` (default float32 on CPU).
+    ``state_dict()`` / ``load_state_dict()`` carry the reference Grams across a resume.
     """
 
     def __init__(self, n_reps: int, *, storage_dtype: torch.dtype = torch.float32,
                  storage_device: torch.device | str = "cpu"):
         """``n_reps``: number of layers K; ``storage_dtype``/``storage_device``: where reference Grams are kept."""
+        super().__init__()
         if int(n_reps) != n_reps or n_reps < 1:
             raise ValueError(f"n_reps must be a positive number of layers, got {n_reps!r}")
         if not storage_dtype.is_floating_point:
@@ -206,35 +204,37 @@ class CKADrift:
         self.n_reps = int(n_reps)
         self.storage_dtype = storage_dtype
         self.storage_device = torch.device(storage_device)
-        self._previous: list[Tensor] = []
-        self._current: list[Tensor] = []
-        self.begin_probe()
+        self.add_state("sums", torch.zeros(3, self.n_reps))
+        self.add_state("pairs", torch.zeros(()))
+        self.reference: dict = {}
+        self.current: dict = {}
 
     @property
     def has_reference(self) -> bool:
         """Whether Grams from an earlier probe are stored."""
-        return bool(self._previous)
+        return bool(self.reference)
+
+    @property
+    def n_pairs(self) -> int:
+        return int(round(float(self.pairs)))
 
     def begin_probe(self) -> None:
-        """Start a probe: zero the sums (3, K) and the paired-minibatch count; forget unfinished current Grams."""
-        self.sums = torch.zeros(3, self.n_reps, dtype=torch.float64)
-        self.n_pairs = 0
-        self._current = []
+        """Start a probe: zero the sums and the paired-minibatch count; forget unfinished current Grams."""
+        self.reset()
+        self.current = {}
 
-    def update(self, ucentred: Tensor) -> None:
-        """Add minibatch ``b`` (the b-th call since ``begin_probe``): U-centred Grams (K, n, n)."""
+    def update(self, ucentred: Tensor, key=None) -> None:
+        """Add one minibatch: U-centred Grams (K, n, n), paired with the reference minibatch of the same ``key``."""
         if ucentred.dim() != 3 or ucentred.shape[0] != self.n_reps:
             raise ValueError(f"expected U-centred Grams (K={self.n_reps}, n, n), got shape {tuple(ucentred.shape)}")
-        b = len(self._current)
+        key = len(self.current) if key is None else key
         stored = ucentred.detach().to(device=self.storage_device, dtype=self.storage_dtype)
-        if b < len(self._previous):
+        previous = self.reference.get(key)
+        if previous is not None:
             # compare stored-precision copies on both sides, on the caller's device
-            sums = drift_sums(self._previous[b].to(ucentred.device), stored.to(ucentred.device))
-            if self.sums.device != sums.device:
-                self.sums = self.sums.to(sums.device)
-            self.sums += sums
-            self.n_pairs += 1
-        self._current.append(stored)
+            self._add("sums", drift_sums(previous.to(ucentred.device), stored.to(ucentred.device)))
+            self._add("pairs", torch.ones(()))
+        self.current[key] = stored
 
     def compute(self) -> Tensor:
         """Drift CKA per layer, (K,) float64; NaN when no minibatch was paired (e.g. the first probe)."""
@@ -242,12 +242,11 @@ class CKADrift:
 
     def end_probe(self) -> None:
         """Make this probe's Grams the reference for the next probe."""
-        self._previous, self._current = self._current, []
+        self.reference, self.current = self.current, {}
 
     def state_tensor(self) -> Tensor:
         """One float64 vector ``[sums.flatten() (3K), n_pairs]`` for an all-reduce (sum)."""
-        count = torch.tensor([float(self.n_pairs)], dtype=torch.float64, device=self.sums.device)
-        return torch.cat([self.sums.reshape(-1), count])
+        return torch.cat([self.sums.reshape(-1), self.pairs.reshape(1)])
 
     def load_state_tensor(self, state: Tensor) -> None:
         """Inverse of ``state_tensor``."""
@@ -256,14 +255,19 @@ class CKADrift:
             raise ValueError(f"state tensor must be 1-D with {size} entries, got shape {tuple(state.shape)}")
         state = state.to(torch.float64)
         self.sums = state[:-1].reshape(3, self.n_reps).clone()
-        self.n_pairs = int(round(float(state[-1])))
+        self.pairs = state[-1].clone()
 
     def state_dict(self) -> dict:
         """Reference Grams (this rank's) for checkpointing."""
-        return {"n_reps": self.n_reps, "previous": [gram.clone() for gram in self._previous]}
+        return {"n_reps": self.n_reps, "previous": {key: gram.clone() for key, gram in self.reference.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore reference Grams saved by ``state_dict``."""
+        """Restore reference Grams saved by ``state_dict`` (a dict by minibatch key, or a list by call index)."""
         if int(state["n_reps"]) != self.n_reps:
             raise ValueError(f"saved drift state has {state['n_reps']} layers, this accumulator {self.n_reps}")
-        self._previous = [gram.to(device=self.storage_device, dtype=self.storage_dtype) for gram in state["previous"]]
+        previous = state["previous"]
+        items = previous.items() if isinstance(previous, dict) else enumerate(previous)
+        self.reference = {key: gram.to(device=self.storage_device, dtype=self.storage_dtype) for key, gram in items}
+
+    def states(self) -> dict:
+        return {"sums": self.sums, "pairs": self.pairs}

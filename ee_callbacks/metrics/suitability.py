@@ -12,9 +12,11 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from ee_callbacks.metrics.accumulator import Accumulator
 from ee_callbacks.metrics.saturation import check_layers
 
-__all__ = ["eas", "js_similarity", "spec_speedup_estimate", "acceptance_runs", "spec_cycle_costs", "best_speedup"]
+__all__ = ["eas", "js_similarity", "spec_speedup_estimate", "acceptance_runs", "spec_cycle_costs", "best_speedup",
+           "SpecRunStats"]
 
 SPEC_ASSUMPTIONS = (
     "estimate, not a measurement: a cycle drafts k tokens with blocks 1..E (k passes of E blocks) and verifies them "
@@ -195,3 +197,45 @@ def spec_cycle_costs(accept: Tensor, sequence: Tensor, draft_layers: Tensor, n_l
         position = torch.where(active, position + emitted, position)
         active = position < end
     return cost
+
+
+class SpecRunStats(Accumulator):
+    """Self-speculation simulated along the probe sequences (:func:`spec_cycle_costs`), fed chunk by chunk.
+
+    A sequence may continue into the next chunk, so the last sequence of each update is held back until a later
+    token belongs to another sequence, or until :meth:`finish`. States: ``cost`` (draft layers × draft lengths),
+    ``tokens``.
+    """
+
+    def __init__(self, draft_layers, n_layers: int, draft_lengths):
+        super().__init__()
+        self.draft_layers = torch.as_tensor(list(draft_layers), dtype=torch.long)
+        self.n_layers = int(n_layers)
+        self.draft_lengths = _draft_lengths(draft_lengths)
+        self.add_state("cost", torch.zeros(self.draft_layers.numel(), self.draft_lengths.numel()))
+        self.add_state("tokens", torch.zeros(()))
+        self._held = (torch.zeros(self.draft_layers.numel(), 0, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+
+    def update(self, accept: Tensor, sequence: Tensor) -> None:
+        """``accept`` (E, n): the draft layer's top-1 equals the final one; ``sequence`` (n,) ids in token order."""
+        accept = torch.cat([self._held[0], accept.cpu()], dim=1)
+        sequence = torch.cat([self._held[1], sequence.cpu()])
+        if sequence.numel() == 0:
+            return
+        complete = int((sequence != sequence[-1]).sum())  # tokens before the last sequence
+        self._held = (accept[:, complete:], sequence[complete:])
+        self._simulate(accept[:, :complete], sequence[:complete])
+
+    def finish(self) -> None:
+        accept, sequence = self._held
+        self._held = (accept[:, :0], sequence[:0])
+        self._simulate(accept, sequence)
+
+    def _simulate(self, accept: Tensor, sequence: Tensor) -> None:
+        if sequence.numel() and self.draft_layers.numel():
+            self._add("cost", spec_cycle_costs(accept, sequence, self.draft_layers, self.n_layers, self.draft_lengths))
+            self._add("tokens", torch.tensor(float(sequence.numel())))
+
+    def compute(self) -> dict:
+        return best_speedup(torch.full_like(self.cost, float(self.tokens)), self.cost, self.draft_layers,
+                            self.draft_lengths)
