@@ -68,3 +68,41 @@ def test_exit_heads_stay_identical_on_every_rank(tmp_path):
             assert torch.equal(value, r1["heads"][kind][name]), (kind, name)  # bit-identical across ranks
             moved = moved or bool(value.abs().sum() > 0)
     assert moved  # the heads did train (zero-initialised tuned lens moved away from zero)
+
+
+def test_every_rank_keeps_every_batch_drift_reference():
+    """After a probe under DDP each rank holds the CKA Grams of every batch, so the reference saved in a checkpoint
+    (rank 0's callback state) serves every rank on resume; before, a resumed rank 1 paired none of its batches."""
+    import threading
+
+    import torch
+
+    from ee_callbacks.callbacks.probe import _share_drift_reference
+
+    barrier, pending, results = threading.Barrier(2), {}, {}
+
+    def reduce_for(rank):
+        def reduce(tensor):
+            pending[rank] = tensor.double()
+            barrier.wait()
+            total = pending[0] + pending[1]
+            barrier.wait()
+            return total
+        return reduce
+
+    gen = torch.Generator().manual_seed(0)
+    grams = {b: torch.randn(3, n, n, generator=gen) for b, n in ((0, 5), (1, 6), (2, 4))}  # batch b on rank b % 2
+    own = {rank: {b: g for b, g in grams.items() if b % 2 == rank} for rank in (0, 1)}
+
+    def run(rank):
+        results[rank] = _share_drift_reference(reduce_for(rank), own[rank], n_reps=3, n_batches=4)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    for rank in (0, 1):
+        assert sorted(results[rank]) == [0, 1, 2]
+        for b, gram in grams.items():
+            assert torch.equal(results[rank][b], gram.float()), (rank, b)

@@ -260,7 +260,7 @@ def trained(tmp_path_factory):
                            output_path=root / "ee_probes.jsonl")
     logger = CSVLogger(str(root), name="csv")
     module = TinyLM(dropout=0.0)
-    # the probe first: ExitHeads must move itself before it so that the saved heads exist at its on_train_end
+    # the probe first: at its on_train_end it asks the readout providers (ExitHeads) to write their heads
     trainer = _trainer(root, [probe, heads], max_steps=80, logger=logger)
     trainer.fit(module, train)
     return {"heads": heads, "probe": probe, "module": module, "record": probe.last_records["default"],

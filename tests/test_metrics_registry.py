@@ -32,3 +32,24 @@ def test_logger_keys_come_from_the_registry_including_head_logit_corr():
     assert keys["ee/heads/tuned_lens/logit_corr/layer_02"] == 0.25
     assert keys["ee/summary/skip_at_consistency_0.99/max_prob"] == 0.2
     assert keys["ee/summary/probe_s"] == 1.5 and "ee/summary/eas_similarity" not in keys
+
+
+def _imported_modules(source: str) -> set:
+    """Every module a source file imports, relative ones written as in the file (``.probe``, ``..providers``)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            found.add("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_the_callbacks_share_only_the_core_and_the_provider_registry():
+    package = Path(__file__).resolve().parents[1] / "ee_callbacks" / "callbacks"
+    for name, other in (("probe.py", "exit_heads"), ("exit_heads.py", "probe")):
+        imported = _imported_modules((package / name).read_text())
+        assert not imported & {f".{other}", f"ee_callbacks.callbacks.{other}"}, (name, sorted(imported))
+    assert "..providers" in _imported_modules((package / "probe.py").read_text())  # finds ExitHeads as a provider

@@ -213,7 +213,8 @@ def test_chunking_does_not_change_numbers(setup):
         for key, value in ra.items():
             if isinstance(value, float):
                 assert value == pytest.approx(rb[key], abs=1e-6), key
-    assert a["summary"]["oracle_skip_strict"] == b["summary"]["oracle_skip_strict"]
+    for key in ("oracle_skip_strict", "spec_speedup_est_runs", "spec_runs_draft_layer", "spec_runs_draft_len"):
+        assert a["summary"][key] == b["summary"][key], key  # chunks of 5 split the 11-token sequences
 
 
 def test_padding_is_excluded(setup):

@@ -209,3 +209,29 @@ def test_one_nan_token_leaves_token_level_metrics_on_the_others():
     assert rec["summary"]["oracle_skip_strict"] is not None
     assert sum(rec["saturation_hist"]) == finite_tokens  # every finite token, and only those
     assert sum(clean["saturation_hist"]) == clean["probe"]["tokens"]
+
+
+def test_records_pending_when_the_fit_raises_are_written_by_on_exception(tmp_path):
+    train, val = loaders()
+    out = tmp_path / "probes" / "ee_probes.jsonl"
+
+    class BreakThenFail(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 1:  # the step-2 record cannot be written and stays pending
+                out.unlink()
+                out.parent.rmdir()
+                out.parent.write_text("not a directory")
+            if trainer.global_step == 3:  # the directory is back, then the fit fails
+                out.parent.unlink()
+                out.parent.mkdir()
+                raise RuntimeError("the user's training step failed")
+
+    probe = EarlyExitProbe(every_n_steps=2, probe_data=pattern_tokens(4, 24, 64, 5), output_path=out,
+                           print_table=False)
+    trainer = L.Trainer(max_steps=6, callbacks=[BreakThenFail(), probe], logger=False, default_root_dir=str(tmp_path),
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0)
+    with pytest.warns(RuntimeWarning, match="could not write"):
+        with pytest.raises(RuntimeError, match="the user's training step failed"):
+            trainer.fit(TinyLM(), train, val)
+    assert [r["step"] for r in read_records(out)] == [2]

@@ -86,8 +86,8 @@ class ExitHeads(Callback):
         seed: seed of the token sample and of the ``mlp`` initialisation.
         model_attr, blocks, final_norm, unembed: as for ``EarlyExitProbe`` (the language model is found structurally
             and its parts are proven at fit start on a few seeded random token ids against the model's own logits).
-        save_dir: when set, ``save()`` the heads there at the end of fit and point every ``EarlyExitProbe``'s
-            ``heads_dir`` at it (the W&B artifact then includes the heads).
+        save_dir: when set, ``save()`` the heads there at the end of fit; an ``EarlyExitProbe`` finds them through
+            :meth:`readout_artifacts` (the W&B artifact then includes the heads).
         log_every_n_steps: optimizer steps between logged training losses.
     """
 
@@ -162,6 +162,7 @@ class ExitHeads(Callback):
         self.model_attr = model_attr
         self.part_paths = {"blocks": blocks, "final_norm": final_norm, "unembed": unembed}
         self.save_dir = Path(save_dir) if save_dir is not None else None
+        self._saved_at_step: Optional[int] = None
         self.log_every_n_steps = int(log_every_n_steps)
         # state
         self.heads: Optional[torch.nn.ModuleDict] = None
@@ -364,20 +365,6 @@ class ExitHeads(Callback):
             warnings.warn(message, RuntimeWarning)
 
     # ------------------------------------------------------------------ Lightning hooks
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or self.save_dir is None:
-            return
-        # heads saved in on_train_end must exist before an EarlyExitProbe's on_train_end uploads them: run first
-        from .probe import EarlyExitProbe
-
-        callbacks = list(trainer.callbacks)
-        probes = [i for i, cb in enumerate(callbacks) if isinstance(cb, EarlyExitProbe)]
-        mine = next((i for i, cb in enumerate(callbacks) if cb is self), None)
-        if probes and mine is not None and probes[0] < mine:
-            callbacks.pop(mine)
-            callbacks.insert(probes[0], self)
-            trainer.callbacks = callbacks
-
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         lm = find_language_model(pl_module, self.model_attr)
         total = None
@@ -435,15 +422,17 @@ class ExitHeads(Callback):
         self._armed = False
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.save_dir is None or self.heads is None:
-            return
-        if trainer.is_global_zero:
-            self.save(self.save_dir)
-        from .probe import EarlyExitProbe
+        self.readout_artifacts(trainer.is_global_zero)
 
-        for cb in trainer.callbacks:
-            if isinstance(cb, EarlyExitProbe):
-                cb.heads_dir = str(self.save_dir)
+    def readout_artifacts(self, is_global_zero: bool) -> Optional[str]:
+        """Save the heads to ``save_dir`` (once per fit, global rank zero writes) and return it; a readout provider's
+        artifact hook: ``EarlyExitProbe`` uploads the directory with its records, whichever callback ends first."""
+        if self.save_dir is None or self.heads is None:
+            return None
+        if is_global_zero and self._saved_at_step != self.head_steps:
+            self.save(self.save_dir)
+            self._saved_at_step = self.head_steps
+        return str(self.save_dir)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._remove_hooks()

@@ -19,6 +19,7 @@ from ..distributed import param_count, probe_forward_target, probe_shard, readou
 from ..model_parts import find_language_model, find_model_parts, prove_on_probe_set
 from ..probe import ProbeConfig, prepare_batches, run_probe
 from ..probe_data import draw_probe_set, preserved_rng
+from ..providers import provider_artifacts, provider_readouts
 from ..records import append_record, read_records
 from ..sinks.loggers import flatten_record_metrics, format_record_table, log_to_loggers
 
@@ -141,6 +142,7 @@ class EarlyExitProbe(Callback):
         self._extras = None
         self._sink_failures: set = set()
         self._pending: list = []
+        self.heads_dir: Optional[str] = None  # saved exit heads (from a readout provider) uploaded with the records
         self._resumed = False
         self.last_records: dict = {}
 
@@ -270,6 +272,8 @@ class EarlyExitProbe(Callback):
             self._probe(trainer, pl_module)
         if trainer.is_global_zero and self._pending:
             self._write_pending_or_raise()
+        # providers write their artifacts (e.g. saved exit heads) now, whatever the callbacks' order
+        self.heads_dir = provider_artifacts(trainer.callbacks, trainer.is_global_zero, exclude=self) or self.heads_dir
         if trainer.is_global_zero:
             if self.print_table and self.last_records:
                 for name, record in self.last_records.items():
@@ -277,16 +281,17 @@ class EarlyExitProbe(Callback):
             self._log_wandb_artifact(trainer, "finished")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # the records written so far reach W&B even when the run crashes (never raises: the original error wins)
-        if trainer.is_global_zero and self._extras is not None:
-            self._safe(self._write_pending_or_raise, "records")
+        # the fit is failing anyway: write the records still pending and let the records written so far reach W&B
+        # (never raises: the original error wins)
+        if trainer.is_global_zero:
+            if self._pending:
+                self._safe(self._write_pending_or_raise, "records")
             self._log_wandb_artifact(trainer, "failed")
 
     def _log_wandb_artifact(self, trainer: Trainer, status: str) -> None:
         if self._extras is not None and self._path is not None and self._path.exists():
             wl = self._wandb_logger(trainer)
-            heads_dir = getattr(self, "heads_dir", None)
-            self._safe(lambda: self._extras.log_artifact(wl, str(self._path), heads_dir, status=status), "wandb")
+            self._safe(lambda: self._extras.log_artifact(wl, str(self._path), self.heads_dir, status=status), "wandb")
 
     def _write_pending_or_raise(self) -> None:
         try:
@@ -301,14 +306,8 @@ class EarlyExitProbe(Callback):
 
     # ------------------------------------------------------------------ the probe
     def _readouts(self, trainer: Trainer) -> dict:
-        found = {}
         extra = self.extra_readouts() if callable(self.extra_readouts) else (self.extra_readouts or {})
-        found.update(extra)
-        for cb in trainer.callbacks:
-            provider = getattr(cb, "probe_readouts", None)
-            if cb is not self and callable(provider):
-                found.update(provider())
-        return found
+        return {**extra, **provider_readouts(trainer.callbacks, exclude=self)}
 
     def _probe(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._sets or self._parts is None:
@@ -342,6 +341,9 @@ class EarlyExitProbe(Callback):
                 )
                 if full is not None:
                     record.model["params"] = param_count(self._lm, wrapped_root(trainer, pl_module))
+                if world > 1 and record.state.get("cka_grams") is not None:
+                    record.state = {"cka_grams": _share_drift_reference(reduce, record.state["cka_grams"],
+                                                                        self._parts.n_layers + 1, len(batches))}
                 self._drift_state[name] = record.state
                 record.run = {**_run_info(trainer), **self.run_info}
                 if self.run_info.get("name"):  # the run's own model name (e.g. llama_tiny), not the HF model type
@@ -521,6 +523,30 @@ def _run_info(trainer: Trainer) -> dict:
     if exp:
         info["experiment"] = exp
     return info
+
+
+def _share_drift_reference(reduce, grams: dict, n_reps: int, n_batches: int) -> dict:
+    """Every batch's CKA Grams on every rank (two sum all-reduces).
+
+    Each rank computes the Grams of its own batches, but the callback state in a checkpoint is rank 0's: without
+    this, every rank resumes with rank 0's reference and drift then covers rank 0's batches only.
+    """
+    sizes = torch.zeros(n_batches, dtype=torch.float64)
+    for index, gram in grams.items():
+        sizes[index] = gram.shape[-1]
+    sizes = [int(n) for n in reduce(sizes).tolist()]
+    flat = torch.zeros(sum(n_reps * n * n for n in sizes), dtype=torch.float32)
+    offset = 0
+    for index, n in enumerate(sizes):
+        if index in grams:
+            flat[offset: offset + n_reps * n * n] = grams[index].reshape(-1).float().cpu()
+        offset += n_reps * n * n
+    flat, offset, shared = reduce(flat).float(), 0, {}
+    for index, n in enumerate(sizes):
+        if n:
+            shared[index] = flat[offset: offset + n_reps * n * n].reshape(n_reps, n, n).clone()
+        offset += n_reps * n * n
+    return shared
 
 
 def _make_reduce(trainer: Trainer):
