@@ -258,7 +258,7 @@ class _Probe:
                     chunk_logits = chunk_logits.float()
                 if start == 0 and end == n:
                     final_logits = None  # the only chunk: its logits die with the final statistics
-                final = FinalChunk(chunk_logits, targets[start:end], ws=self.workspace, lens=self.lens.affine,
+                final = FinalChunk(chunk_logits, targets[start:end], workspace=self.workspace, lens=self.lens.affine,
                                    keep_vocab=self.keep_vocab, want_js=self.want_js)
                 del chunk_logits
                 self._update_chunk([s[start:end] if s is not None else None for s in flat_states], final,

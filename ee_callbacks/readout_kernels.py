@@ -138,19 +138,19 @@ class AffineLogitLens:
 
     def centred_logits(self, h: torch.Tensor, out: torch.Tensor):
         """(centred logits written into ``out``, their per-token mean, the normed hidden state)."""
-        nh = self.parts.normed(h)
-        mu = nh @ self.w_mean
+        normed = self.parts.normed(h)
+        mu = normed @ self.w_mean
         if self.W_centred is not None:
-            zc = torch.mm(nh, self.W_centred.t(), out=out)
+            zc = torch.mm(normed, self.W_centred.t(), out=out)
         else:
-            zc = torch.addmm(-mu[:, None], nh, self.W.t(), out=out)
+            zc = torch.addmm(-mu[:, None], normed, self.W.t(), out=out)
         if self.b is not None:
             zc.add_(self.b_centred)
             mu = mu + self.b_mean
         if self.scale is not None:
             zc.mul_(self.scale)
             mu = mu * self.scale
-        return zc, mu, nh
+        return zc, mu, normed
 
     def project(self, a: torch.Tensor, total: float):
         """(Wᵀa per token (n, d), b·a per token or None) for rows a (n, V) of the final layer's chunk summing to
@@ -159,10 +159,10 @@ class AffineLogitLens:
             return a @ self.W, None
         return a @ self.W, a @ self.b_centred + self.b_mean * total
 
-    def dots(self, nh: torch.Tensor, final: "FinalChunk"):
+    def dots(self, normed: torch.Tensor, final: "FinalChunk"):
         """(Σ_v p_L z, Σ_v zc_L z) per token from the normed hidden states, without the (n, V) logits."""
-        a_p = _rowdot(nh, final.Wp)
-        a_zc = _rowdot(nh, final.Wzc)
+        a_p = _rowdot(normed, final.Wp)
+        a_zc = _rowdot(normed, final.Wzc)
         if final.bp is not None:
             a_p = a_p + final.bp
             a_zc = a_zc + final.bzc
@@ -185,7 +185,7 @@ class FinalChunk:
     own per-token statistics.
     """
 
-    def __init__(self, z_final: torch.Tensor, targets: torch.Tensor, *, ws: Optional[Workspace] = None,
+    def __init__(self, z_final: torch.Tensor, targets: torch.Tensor, *, workspace: Optional[Workspace] = None,
                  lens: Optional[AffineLogitLens] = None, keep_vocab: bool = True, want_js: bool = False):
         z = z_final
         n, V = z.shape
@@ -197,7 +197,7 @@ class FinalChunk:
         zc = z.sub_(self.mean[:, None])
         self.zc_norm = torch.linalg.vector_norm(zc, dim=-1)
         self.norm = (self.zc_norm.square() + V * self.mean.square()).sqrt()  # ‖z‖² = ‖z − mean‖² + V·mean²
-        buf = ws.get("final_p" if keep_vocab else "p", n, V, zc.dtype, zc.device) if ws is not None else None
+        buf = workspace.get("final_p" if keep_vocab else "p", n, V, zc.dtype, zc.device) if workspace is not None else None
         p = _softmax_into(zc, buf)
         p1 = p.gather(1, top1[:, None]).squeeze(1)
         lse_c = zc.gather(1, top1[:, None]).squeeze(1) - p1.log()  # p1 ≥ 1/V: a well-conditioned log
@@ -210,7 +210,7 @@ class FinalChunk:
             self.Wp, self.bp = lens.project(p, 1.0)
             self.Wzc, self.bzc = lens.project(zc, 0.0)
         if keep_vocab:
-            tmp = ws.get("z", n, V, zc.dtype, zc.device) if ws is not None else None
+            tmp = workspace.get("z", n, V, zc.dtype, zc.device) if workspace is not None else None
             pz = (torch.mul(p, zc, out=tmp) if tmp is not None else p * zc).sum(dim=-1)
             self.p, self.zc = p, zc
         else:
@@ -242,17 +242,17 @@ class FinalChunk:
         return self._logp
 
 
-def centred_token_stats(zc: torch.Tensor, mu: torch.Tensor, final: FinalChunk, P: Optional[torch.Tensor],
+def centred_token_stats(zc: torch.Tensor, mu: torch.Tensor, final: FinalChunk, probs_out: Optional[torch.Tensor],
                    dots=None, want_js: bool = False) -> dict:
     """Per-token statistics of one layer from its centred logits ``zc`` = z − mu (n, V), which are overwritten.
 
-    Passes over (n, V): top-2, softmax (into ``P``), ‖zc‖, Σ p·zc (in place in P), and — without ``dots`` from an
-    affine lens — Σ p_L·zc and Σ zc_L·zc (into P again). Every statistic is shift-invariant except ``logit_cos``,
-    which adds the means back: Σ z·z_L = Σ zc·zc_L + V·mu·mu_L and ‖z‖² = ‖zc‖² + V·mu².
+    Passes over (n, V): top-2, softmax (into ``probs_out``), ‖zc‖, Σ p·zc (in place in probs_out), and — without
+    ``dots`` from an affine lens — Σ p_L·zc and Σ zc_L·zc (into probs_out again). Every statistic is shift-invariant
+    except ``logit_cos``, which adds the means back: Σ z·z_L = Σ zc·zc_L + V·mu·mu_L and ‖z‖² = ‖zc‖² + V·mu².
     """
     V = zc.shape[-1]
     v1, top1, v2 = top2(zc)
-    p = _softmax_into(zc, P)
+    p = _softmax_into(zc, probs_out)
     p1 = p.gather(1, top1[:, None]).squeeze(1)
     lse_c = v1 - p1.log()  # p1 ≥ 1/V: a well-conditioned log
     p2 = (v2 - lse_c).exp() if v2 is not None else torch.zeros_like(p1)
@@ -290,7 +290,7 @@ def centred_token_stats(zc: torch.Tensor, mu: torch.Tensor, final: FinalChunk, P
 
 
 def token_stats(z: torch.Tensor, final: FinalChunk, want_js: bool, *, owned: bool = False,
-                      P: Optional[torch.Tensor] = None) -> dict:
+                      probs_out: Optional[torch.Tensor] = None) -> dict:
     """Per-token statistics of one layer's logits ``z`` (N, V) against the final layer (kept in vocabulary space).
 
     ``owned``: ``z`` may be overwritten (it is centred in place); otherwise it is copied first.
@@ -298,14 +298,14 @@ def token_stats(z: torch.Tensor, final: FinalChunk, want_js: bool, *, owned: boo
     zc = z if owned else z.clone()
     mu = zc.mean(dim=-1)
     zc.sub_(mu[:, None])
-    return centred_token_stats(zc, mu, final, P, None, want_js)
+    return centred_token_stats(zc, mu, final, probs_out, None, want_js)
 
 
 LENS_STATS = ("agree", "acc", "ce", "kl", "entropy", "max_prob", "margin", "logit_cos", "logit_corr")
 
 
 class LogitLensReadout:
-    """The logit lens ``T(U(N(h)))`` behind the probe's readout interface (``token_stats(h, layer, final, ws)``).
+    """The logit lens ``T(U(N(h)))`` behind the probe's readout interface (``token_stats(h, layer, final, workspace)``).
 
     A plain ``nn.Linear`` unembedding takes the affine fast path (:class:`AffineLogitLens`: centred logits out of the
     matmul, dot products in model space); anything else goes through the model's own readout.
@@ -326,16 +326,16 @@ class LogitLensReadout:
         self.affine = None if self.want_js else AffineLogitLens.of(
             self.parts, self.readout_dtype, self.n_layers, self.chunk_tokens)
 
-    def token_stats(self, h: torch.Tensor, layer: int, final: FinalChunk, ws: Workspace) -> dict:
+    def token_stats(self, h: torch.Tensor, layer: int, final: FinalChunk, workspace: Workspace) -> dict:
         n, V = h.shape[0], final.V
         h = h.to(self.readout_dtype)
-        probs = ws.get("p", n, V, self.stats_dtype, h.device)
+        probs = workspace.get("p", n, V, self.stats_dtype, h.device)
         if self.affine is not None:
-            zc, mu, normed = self.affine.centred_logits(h, ws.get("z", n, V, self.stats_dtype, h.device))
+            zc, mu, normed = self.affine.centred_logits(h, workspace.get("z", n, V, self.stats_dtype, h.device))
             dots = self.affine.dots(normed, final) if self.affine.dspace else None
             return centred_token_stats(zc, mu, final, probs, dots, self.want_js)
         z = self.parts.readout(h)
-        return token_stats(z.to(self.stats_dtype), final, self.want_js, owned=True, P=probs)
+        return token_stats(z.to(self.stats_dtype), final, self.want_js, owned=True, probs_out=probs)
 
 
 class HeadReadout:
@@ -349,10 +349,10 @@ class HeadReadout:
         # our own heads return fresh logits that may be centred in place; anyone else's are copied first
         self.owned = type(head).__module__.startswith("ee_callbacks.")
 
-    def token_stats(self, h: torch.Tensor, layer: int, final: FinalChunk, ws: Workspace) -> dict:
+    def token_stats(self, h: torch.Tensor, layer: int, final: FinalChunk, workspace: Workspace) -> dict:
         z = self.head.logits(h.to(self.readout_dtype), layer).float()
-        probs = ws.get("p", z.shape[0], z.shape[1], z.dtype, z.device)
-        return token_stats(z, final, False, owned=self.owned, P=probs)
+        probs = workspace.get("p", z.shape[0], z.shape[1], z.dtype, z.device)
+        return token_stats(z, final, False, owned=self.owned, probs_out=probs)
 
     def confidence(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         return self.head.confidence(h.to(self.readout_dtype), layer).float().reshape(-1)

@@ -51,7 +51,6 @@ __all__ = [
     "SharedHead",
     "HeadTargets",
     "ExitReadout",
-    "LogitLens",
     "TunedLens",
     "LinearHead",
     "MLPHead",
@@ -220,15 +219,6 @@ class ExitReadout(nn.Module):
             return F.nll_loss(logq, targets.labels)
         logp = targets.final_logp
         return (logp.exp() * (logp - logq)).sum(dim=-1).mean()
-
-
-class LogitLens(ExitReadout):
-    """The logit lens ``T(U(N(h)))`` as a readout object (no parameters); for comparisons and tests."""
-
-    name = "logit_lens"
-
-    def logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        return self.shared(h)
 
 
 class TunedLens(ExitReadout):
