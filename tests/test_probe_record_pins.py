@@ -15,7 +15,8 @@ SPEC_FIX = ("summary.spec_",)  # issue 15: no bonus token, cost (k·E + L − E)
 # issue 15: per-minibatch 1/(n(n−3)) weighting of CKA drift; changes drift only where minibatches differ in size
 # (here: 33 and 13 tokens, or 16 and 7; 'default' draws equal minibatches of 8 tokens and keeps its pinned drift)
 DRIFT_FIX = ("cka_drift", "summary.cka_drift_mean") + tuple(f"layers[{i}].cka_drift" for i in range(5))
-CHANGED_ON_PURPOSE: dict = {"*": SPEC_FIX, "agree": DRIFT_FIX, "heads_js": DRIFT_FIX, "float64_cos": DRIFT_FIX}
+PARTS_PROOF = ("model.parts.proof",)  # issue 12: the record says how the model's parts were proven
+CHANGED_ON_PURPOSE: dict = {"*": SPEC_FIX + PARTS_PROOF, "agree": DRIFT_FIX, "heads_js": DRIFT_FIX, "float64_cos": DRIFT_FIX}
 
 
 def _differences(got, want, path="") -> list:
