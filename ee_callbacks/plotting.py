@@ -5,7 +5,8 @@ Every builder takes ProbeRecord dicts (DESIGN §4) and returns a :class:`Plot`: 
 null field is skipped (drawn as a gap), and a builder with nothing at all to draw returns ``None``.
 
 Figures are made with :class:`matplotlib.figure.Figure` on the Agg canvas directly, never through ``pyplot``: no
-global backend switch, no figure registry to leak, safe to call from a training process.
+global backend switch, no figure registry to leak, safe to call from a training process. Matplotlib (the ``report``
+extra) is imported only when a figure is drawn: the record helpers work without it.
 """
 
 from __future__ import annotations
@@ -255,9 +256,11 @@ def run_label(record: Mapping[str, Any], fallback: str) -> str:
 
 
 def _new_figure(width: float, height: float) -> Figure:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("drawing figures needs matplotlib: pip install 'ee_callbacks[report]'") from error
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure

@@ -14,6 +14,7 @@ from hydra.errors import ConfigCompositionException
 
 from ee_callbacks.training.config import compose_config
 from ee_callbacks.training.loggers import make_wandb_logger, resolve_wandb_mode
+from ee_callbacks.training.train import apply_callback_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 # The probe callback is tested on its own; these tests cover the training side.
@@ -42,7 +43,12 @@ def test_default_config_composes_with_every_group():
     assert cfg.model.name == "llama_tiny" and cfg.data.source == "fortunes" and cfg.tokenizer.kind == "bpe"
     assert set(cfg.callbacks) == {"model_checkpoint", "ee_probe"}
     assert cfg.callbacks.model_checkpoint.dirpath == "/tmp/somewhere/checkpoints"
-    assert cfg.callbacks.ee_probe.seq_len == cfg.data.seq_len
+    # the drop-in callback config leaves seq_len null; the app fills it from its own config when it trains
+    assert cfg.callbacks.ee_probe.seq_len is None
+    apply_callback_settings(cfg)
+    assert cfg.callbacks.ee_probe.seq_len == cfg.data.seq_len == 128
+    assert cfg.callbacks.ee_probe.output_path == "/tmp/somewhere/ee_probes.jsonl"
+    assert cfg.callbacks.ee_probe.run_info.name == "llama_tiny"
     assert cfg.logger.wandb.save_dir == "/tmp/somewhere"
     assert "ee_probe" not in compose_config([NO_PROBE]).callbacks
     for model in ("gpt2_tiny", "gptneox_tiny", "qwen2_tiny", "mixtral_tiny", "olmoe_tiny", "mamba_tiny",

@@ -86,15 +86,19 @@ def resolve_wandb_mode(mode: str = "auto") -> str:
 
 
 def make_wandb_logger(project: str = "ee_callbacks", name: str | None = None, save_dir: str | None = None,
-                      mode: str = "auto", init_timeout_s: float = 90.0, **kwargs: Any):
+                      mode: str = "auto", group: str | None = None, tags: list[str] | None = None,
+                      entity: str | None = None, notes: str | None = None, job_type: str | None = None,
+                      log_model: bool | str = False, init_timeout_s: float = 90.0, **kwargs: Any):
     """A Lightning ``WandbLogger`` whose run is started now (so failures surface here, not mid-training).
 
     Args:
         project, name, save_dir: as for ``WandbLogger`` (``save_dir`` should be the run directory).
         mode: ``auto`` (offline unless credentials are configured), ``online``, ``offline`` or ``disabled``.
             The ``WANDB_MODE`` environment variable overrides it.
+        group, tags, entity, notes, job_type: as for ``wandb.init``; log_model: as for ``WandbLogger``.
         init_timeout_s: W&B's own limit for starting an online run.
-        **kwargs: passed to ``WandbLogger`` / ``wandb.init`` (``group``, ``tags``, ``entity``, ``log_model``, ...).
+        **kwargs: passed to ``WandbLogger`` / ``wandb.init`` (``id``, ``resume``, ``config``, ...; from a Hydra config:
+            ``logger.wandb.extra``).
 
     Returns:
         The logger, or ``None`` (with a warning) when W&B could not start; the run then goes on without it.
@@ -109,8 +113,12 @@ def make_wandb_logger(project: str = "ee_callbacks", name: str | None = None, sa
         if save_dir is not None:
             Path(save_dir).mkdir(parents=True, exist_ok=True)
         settings = kwargs.pop("settings", None) or wandb.Settings(init_timeout=float(init_timeout_s), silent=True)
+        for key, value in (("group", group), ("tags", tags), ("entity", entity), ("notes", notes),
+                           ("job_type", job_type)):
+            if value is not None:
+                kwargs[key] = list(value) if key == "tags" else value
         logger = WandbLogger(project=project, name=name, save_dir=save_dir, mode=resolved, settings=settings,
-                             **kwargs)
+                             log_model=log_model, **kwargs)
         logger.experiment  # noqa: B018  (starts the run now; a dummy on non-zero ranks)
         return logger
     except Exception as error:  # noqa: BLE001  (any W&B failure must not stop training)

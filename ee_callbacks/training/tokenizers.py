@@ -67,6 +67,11 @@ class Tokenizer:
         """Identifies the exact token mapping (used to key token caches)."""
         return self.name
 
+    def to_hf(self) -> Any:
+        """This tokenizer as a Hugging Face tokenizer (``save_pretrained`` / ``AutoTokenizer`` compatible), or
+        ``None`` when it has no such form (the byte tokenizer)."""
+        return None
+
     def document_separator(self) -> list[int]:
         """Ids put between documents when a corpus is concatenated: EOS if there is one, else a blank line."""
         if self.eos_id is not None:
@@ -126,6 +131,13 @@ class BPETokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def to_hf(self) -> Any:
+        """A ``PreTrainedTokenizerFast`` around the same BPE (EOS ``<|endoftext|>``; it encodes exactly as this
+        tokenizer does, no special tokens added)."""
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast(tokenizer_object=self._backend, eos_token=BPE_EOS_TOKEN)
+
 
 class HFTokenizer(Tokenizer):
     """A local Hugging Face tokenizer directory, or a hub id at a revision (online; no special tokens are added when
@@ -159,6 +171,9 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._backend.decode([int(i) for i in ids])
+
+    def to_hf(self) -> Any:
+        return self._backend
 
 
 def train_bpe(
