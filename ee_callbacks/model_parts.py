@@ -50,6 +50,18 @@ class ModelPartsError(ValueError):
     """The model's block stack, final norm or unembedding could not be determined."""
 
 
+def _call_in_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, with the module's floating-point parameters cast to ``x``'s dtype when they differ (the module
+    itself is left as it is)."""
+    params = dict(module.named_parameters())
+    if not x.is_floating_point() or all(p.dtype == x.dtype for p in params.values() if p.is_floating_point()):
+        return module(x)
+    from torch.func import functional_call
+
+    cast = {name: p.to(x.dtype) if p.is_floating_point() else p for name, p in params.items()}
+    return functional_call(module, cast, (x,))
+
+
 class FinalPath(nn.Sequential):
     """Several of the model's modules applied in order between the last block and the unembedding (OPT's final norm
     then ``project_out``; a BERT-style head's transform). Registered nowhere in the model: its state never changes."""
@@ -101,10 +113,12 @@ class ModelParts:
         return z
 
     def readout(self, h: torch.Tensor) -> torch.Tensor:
-        """Logit lens: ``T(U(N(h)))``."""
+        """Logit lens: ``T(U(N(h)))``, computed in ``h``'s dtype (a bf16 model read out in float32 uses float32
+        copies of its norm and unembedding weights; gradients still flow through the cast)."""
         if self.unembed is None:
             raise ModelPartsError("this model has no unembedding (LM head): logit-lens readouts are unavailable")
-        return self.transform_logits(self.unembed(self.normed(h)))
+        normed = _call_in_dtype(self.final_norm, h) if self.final_norm is not None else h
+        return self.transform_logits(_call_in_dtype(self.unembed, normed))
 
     def describe(self) -> dict:
         return {

@@ -24,8 +24,8 @@ open(sys.argv[1], "w").write("\n".join(pins) + "\n")
 print("min-versions pins:", " ".join(pins))
 PYEOF
 # torch first, alone, so pip takes the CPU wheel (find-links) and never a multi-GB CUDA build
-"$VENV/bin/pip" install -q -c "$pins" "$(grep '^torch==' "$pins")"
-"$VENV/bin/pip" install -q -c "$pins" -e ".[train]"
+"$VENV/bin/pip" install -q --no-compile -c "$pins" "$(grep '^torch==' "$pins")"
+"$VENV/bin/pip" install -q --no-compile -c "$pins" -e ".[train]"
 "$VENV/bin/pip" list 2>/dev/null | grep -iE "^(torch|lightning|transformers|wandb|numpy|safetensors|pyyaml|tqdm|hydra-core|omegaconf|tokenizers) "
 
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 WANDB_SILENT=true WANDB_ERROR_REPORTING=false TOKENIZERS_PARALLELISM=false \

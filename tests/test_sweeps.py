@@ -151,7 +151,7 @@ def test_optuna_on_a_probe_figure_through_the_parallel_joblib_launcher(tmp_path)
 
     jobs = sorted(path for path in sweep_dir.iterdir() if path.is_dir() and path.name.isdigit())
     assert [job.name for job in jobs] == ["0", "1"]  # distinct directories, one per job
-    run_ids = set()
+    run_ids, names, groups = set(), set(), set()
     for job in jobs:
         assert "JoblibLauncher" in (job / ".hydra" / "hydra.yaml").read_text()
         records = [line for line in (job / "ee_probes.jsonl").read_text().splitlines() if line.strip()]
@@ -159,7 +159,17 @@ def test_optuna_on_a_probe_figure_through_the_parallel_joblib_launcher(tmp_path)
         offline = list((job / "wandb").glob("offline-run-*"))
         assert len(offline) == 1  # one W&B run per job
         run_ids.add(offline[0].name.split("-")[-1])
-    assert len(run_ids) == 2
+        wandb_cfg = yaml.safe_load((job / "config.yaml").read_text())["logger"]["wandb"]
+        # each trial has its own W&B name (job number + its overrides), all trials share the sweep's group
+        assert wandb_cfg["name"].startswith(f"llama_tiny-synthetic-s7-j{job.name}-")
+        assert "-early_exit.layer_dropout=" in wandb_cfg["name"]  # the trial's own sampled values
+        from ee_callbacks.sinks.wandb_reader import read_offline_run
+
+        assert read_offline_run(offline[0]).display_name == wandb_cfg["name"]
+        names.add(wandb_cfg["name"])
+        groups.add(wandb_cfg["group"])
+    assert len(run_ids) == 2 and len(names) == 2
+    assert groups == {"smoke-sweep"}  # <task_name>-<sweep directory name>
     # the two jobs ran at the same time: each started (config.yaml) before the other finished (its last record)
     start = {job.name: (job / "config.yaml").stat().st_mtime for job in jobs}
     end = {job.name: (job / "ee_probes.jsonl").stat().st_mtime for job in jobs}

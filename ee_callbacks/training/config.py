@@ -347,11 +347,14 @@ def _multirun_job() -> Any:
 def sweep_job_suffix(max_overrides_chars: int = 80) -> str:
     """``-j<job number>[-<override dirname>]`` inside a sweep job (resolver ``${ee_sweep_job:}``), ``""`` otherwise:
     appended to W&B run names so that every trial of a sweep has its own name."""
+    from omegaconf import OmegaConf
+
     hydra_cfg = _multirun_job()
-    if hydra_cfg is None:
+    num = None if hydra_cfg is None else OmegaConf.select(hydra_cfg, "job.num", default=None)
+    if num is None:  # not a sweep job (or a config composed for a sweep but not launched as one)
         return ""
-    suffix = f"-j{hydra_cfg.job.num}"
-    overrides = str(hydra_cfg.job.get("override_dirname") or "")
+    suffix = f"-j{num}"
+    overrides = str(OmegaConf.select(hydra_cfg, "job.override_dirname", default=None) or "")
     if overrides:
         suffix += "-" + overrides[:max_overrides_chars]
     return suffix
@@ -360,10 +363,13 @@ def sweep_job_suffix(max_overrides_chars: int = 80) -> str:
 def sweep_group(base: str) -> str:
     """``<base>-<sweep directory name>`` inside a sweep job (resolver ``${ee_sweep_group:${task_name}}``), ``base``
     otherwise: the W&B group that gathers one sweep's trials."""
+    from omegaconf import OmegaConf
+
     hydra_cfg = _multirun_job()
-    if hydra_cfg is None:
+    sweep_dir = None if hydra_cfg is None else OmegaConf.select(hydra_cfg, "sweep.dir", default=None)
+    if sweep_dir is None:
         return str(base)
-    return f"{base}-{Path(str(hydra_cfg.sweep.dir)).name}"
+    return f"{base}-{Path(str(sweep_dir)).name}"
 
 
 def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None = None,
