@@ -134,9 +134,12 @@ class BPETokenizer(Tokenizer):
     def to_hf(self) -> Any:
         """A ``PreTrainedTokenizerFast`` around the same BPE (EOS ``<|endoftext|>``; it encodes exactly as this
         tokenizer does, no special tokens added)."""
+        from tokenizers import Tokenizer as Backend
         from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast(tokenizer_object=self._backend, eos_token=BPE_EOS_TOKEN)
+        # a copy: the wrapper may set padding/truncation on its backend, which must not change this tokenizer
+        return PreTrainedTokenizerFast(tokenizer_object=Backend.from_str(self._backend.to_str()),
+                                       eos_token=BPE_EOS_TOKEN)
 
 
 class HFTokenizer(Tokenizer):
