@@ -163,9 +163,10 @@ def test_optuna_on_a_probe_figure_through_the_parallel_joblib_launcher(tmp_path)
         # each trial has its own W&B name (job number + its overrides), all trials share the sweep's group
         assert wandb_cfg["name"].startswith(f"llama_tiny-synthetic-s7-j{job.name}-")
         assert "-early_exit.layer_dropout=" in wandb_cfg["name"]  # the trial's own sampled values
-        from ee_callbacks.sinks.wandb_reader import read_offline_run
+        from tests.wandb_inspect import inspect_run
 
-        assert read_offline_run(offline[0]).display_name == wandb_cfg["name"]
+        run_record = next(r["run"] for r in inspect_run(offline[0]).records if r.get("type") == "run")
+        assert run_record["display_name"] == wandb_cfg["name"] and run_record["run_group"] == wandb_cfg["group"]
         names.add(wandb_cfg["name"])
         groups.add(wandb_cfg["group"])
     assert len(run_ids) == 2 and len(names) == 2
