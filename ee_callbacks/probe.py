@@ -31,7 +31,7 @@ from .metrics.similarity import CKADrift, MinibatchCKA
 from .metrics.suitability import SpecRunStats
 from .model_parts import ModelParts, find_model_parts, unwrap_model
 from .probe_config import (
-    DEFAULT_THRESHOLDS, DTYPES, EAS_SIMILARITIES, METRIC_FAMILIES, ProbeConfig, cap_tokens, check_readout_dtype,
+    DEFAULT_THRESHOLDS, DTYPES, EAS_SIMILARITIES, METRIC_FAMILIES, ProbeConfig, cap_tokens,
     prepare_batches, valid_positions,
 )
 from .probe_record import build_record
@@ -370,11 +370,10 @@ class _Probe:
 
 
 def _vocab_sizes(model: nn.Module, parts: ModelParts, readout_dtype: str) -> tuple:
-    """(output vocabulary, input vocabulary); rejects a readout dtype the unembedding cannot run."""
+    """(output vocabulary, input vocabulary). Any readout dtype works: ``ModelParts.readout`` casts the weights."""
     vocab = None
     if parts.has_lm_head and hasattr(parts.unembed, "weight"):
         vocab = int(parts.unembed.weight.shape[0])
-        check_readout_dtype(readout_dtype, parts.unembed.weight.dtype)
     elif parts.has_lm_head and getattr(getattr(model, "config", None), "vocab_size", None):
         vocab = int(model.config.vocab_size)
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ProbeConfig", "prepare_batches", "cap_tokens", "valid_positions", "check_readout_dtype", "METRIC_FAMILIES",
+__all__ = ["ProbeConfig", "prepare_batches", "cap_tokens", "valid_positions", "METRIC_FAMILIES",
            "EAS_SIMILARITIES", "DTYPES", "DEFAULT_THRESHOLDS"]
 
 METRIC_FAMILIES = ("lens", "saturation", "exits", "eas", "redundancy", "cka", "spec")
@@ -20,25 +20,6 @@ _RULES = ("max_prob", "margin", "entropy", "patience")
 DEFAULT_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 _DEFAULT_ENTROPY_THRESHOLDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# readout dtypes that work with an unembedding of a given dtype: the same precision or a narrower one
-_READOUTDTYPES_FOR = {
-    torch.float64: ("float64", "float32", "bfloat16", "float16"),
-    torch.float32: ("float32", "bfloat16", "float16"),
-    torch.bfloat16: ("bfloat16",),
-    torch.float16: ("float16",),
-}
-
-
-def check_readout_dtype(readout_dtype: str, weight_dtype: torch.dtype) -> None:
-    """Reject a readout dtype the model's unembedding cannot run in, naming the ones it can."""
-    allowed = _READOUTDTYPES_FOR.get(weight_dtype)
-    if allowed is not None and readout_dtype not in allowed:
-        raise ValueError(
-            f"ProbeConfig(dtype={readout_dtype!r}) cannot read out this model: its unembedding is "
-            f"{str(weight_dtype).replace('torch.', '')}; allowed for this model: {list(allowed)} (or cast the model)"
-        )
 
 
 def _default_thresholds() -> dict:

@@ -182,10 +182,16 @@ def test_readout_dtype(dtype, tolerance):
             assert got["layers"][layer][metric] == pytest.approx(want, abs=tolerance, rel=tolerance), (layer, metric)
 
 
-def test_a_readout_dtype_wider_than_the_model_is_rejected_with_the_allowed_values():
+def test_a_readout_dtype_wider_than_the_model_reads_out_through_cast_weights():
+    # a float32 model read out in float64 (weights cast per readout, the model untouched) equals its float32 readout
     model = _llama()
-    with pytest.raises(ValueError, match=r"dtype='float64'.*float32.*allowed.*'float32'"):
-        run_probe(model, _batches(), config={"dtype": "float64"})
+    wide = run_probe(model, _batches(), config={"dtype": "float64"}).to_dict()
+    narrow = run_probe(model, _batches(), config={"dtype": "float32"}).to_dict()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert wide["config"]["dtype"] == "float64"
+    for got, want in zip(wide["layers"], narrow["layers"]):
+        for metric in ("ce", "kl", "agree", "logit_corr"):
+            assert got[metric] == pytest.approx(want[metric], abs=1e-4), (got["layer"], metric)
 
 
 @pytest.mark.parametrize("kwargs, match", [
