@@ -1,22 +1,32 @@
-"""Training wall time with the early-exit callbacks attached against without (issue #9, target 2: ≤ 1.03×).
+"""Training time with the early-exit callbacks attached against without, and where the overhead goes (issue #17).
 
-    python -m benchmarks.bench_training_overhead                  # the default `python train.py` run, 3 × 3 runs
-    python -m benchmarks.bench_training_overhead --reps 5 --threads 1
-    python -m benchmarks.bench_training_overhead --quick          # CI-sized smoke (experiment=smoke, 4 steps)
-    python -m benchmarks.bench_training_overhead -o logger=csv    # extra Hydra overrides for every variant
+    python -m benchmarks.bench_training_overhead --reps 3 --threads 1          # every variant, alternated
+    python -m benchmarks.bench_training_overhead --quick                       # CI-sized smoke (4 steps, 1 rep)
+    python -m benchmarks.bench_training_overhead -o trainer.max_steps=200      # extra Hydra overrides for every variant
     python -m benchmarks.bench_training_overhead --variants base probe --variant 'probe/100:callbacks.ee_probe.every_n_steps=100'
+    python -m benchmarks.bench_training_overhead --variants base --heads-grid --reps 1   # exit heads: quality vs cost
 
 Variants (the same composed config, callbacks differ):
 
 - ``base``   — ``~callbacks.ee_probe``: the default run without the probe (checkpoints, logger and validation stay);
-- ``probe``  — the default run (``EarlyExitProbe`` at its default cadence);
-- ``probe+heads`` — ``callbacks=[default,exit_heads]``: the probe and online exit heads.
+- ``probe``  — the default run (``EarlyExitProbe`` at its default cadence, W&B extras as configured);
+- ``probe-no-extras`` — the probe without W&B extras (tables and images): the probe's cost once W&B drawing is off
+  the training thread;
+- ``probe/adaptive`` — ``max_overhead=0.02``: the adaptive cadence (point 3);
+- ``probe+heads`` — ``callbacks=[default,exit_heads]``: the probe and online exit heads at their defaults.
+- ``--heads-grid`` adds ``heads/n<N>/t<T>`` variants (exit heads every N-th step on T sampled tokens).
+
+One run, three answers (points 1-3 of the issue): every run reports the instrumentation's own meters
+(``train(cfg)["instrumentation"]``: wall and process-CPU seconds of the probe's arithmetic, record writes, logger
+writes, W&B extras and the exit heads' training), so each piece's share of the run's CPU time comes from the same
+process that trained; the ratios against ``base`` come from separate, alternated processes.
 
 Each run is a fresh interpreter (``python -m benchmarks.bench_training_overhead --child``) calling
 ``ee_callbacks.training.train.train(cfg)``; the variants run alternated (order rotated every repetition) and the
-medians of several repetitions are reported, with ratios taken per repetition. Measured per run: wall time of
-``train(cfg)``, CPU time of the run's process tree (``RUSAGE_CHILDREN``), and the probe's own time from the records
-(``timing.probe_s`` summed over ``ee_probes.jsonl``).
+medians of several repetitions are reported with their spread (min-max), ratios taken per repetition. Measured per
+run: wall time of ``train(cfg)``, CPU time of the run's process tree (``RUSAGE_CHILDREN``; the W&B service process
+included), the instrumentation meters, and the exit heads' quality at the last probe (mean over layers of the tuned
+lens' KL and agreement against the logit lens').
 """
 
 from __future__ import annotations
@@ -32,13 +42,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO_ROOT, machine_info, machine_markdown, median, median_ratio
+from benchmarks.common import REPO_ROOT, machine_info, machine_markdown, median
 
 VARIANTS = {
     "base": ["~callbacks.ee_probe"],
     "probe": [],
+    "probe-no-extras": ["callbacks.ee_probe.wandb_extras=false"],
+    "probe/adaptive": ["callbacks.ee_probe.max_overhead=0.02"],
     "probe+heads": ["callbacks=[default,exit_heads]"],
 }
+DEFAULT_VARIANTS = ["base", "probe", "probe-no-extras", "probe/adaptive", "probe+heads"]
+# exit heads: (every_n_steps, max_tokens); (1, 512) is the setting before issue #17
+HEADS_GRID = [(1, 512), (1, 128), (2, 256), (4, 512), (4, 128), (8, 128)]
+
+
+def heads_variant(every_n: int, tokens: int) -> list:
+    return ["callbacks=[default,exit_heads]", f"callbacks.exit_heads.every_n_steps={every_n}",
+            f"callbacks.exit_heads.max_tokens={tokens}"]
 QUICK_OVERRIDES = ["experiment=smoke", "trainer.max_steps=4", "trainer.val_check_interval=4",
                    "callbacks.model_checkpoint.every_n_train_steps=4"]
 
@@ -61,16 +81,40 @@ def child(payload: dict) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     summary = train(cfg)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    probe_s, probes = 0.0, 0
+    probe_s, probes, last = 0.0, 0, None
     records = out_dir / "ee_probes.jsonl"
     if records.exists():
         for line in records.read_text().splitlines():
             if line.strip():
-                rec = json.loads(line)
-                probe_s += float((rec.get("timing") or {}).get("probe_s") or 0.0)
+                last = json.loads(line)
+                probe_s += float((last.get("timing") or {}).get("probe_s") or 0.0)
                 probes += 1
     return {"wall_s": wall, "cpu_s": cpu, "probe_s": probe_s, "probes": probes,
-            "global_step": summary.get("global_step"), "final_train_loss": summary.get("final_train_loss")}
+            "global_step": summary.get("global_step"), "final_train_loss": summary.get("final_train_loss"),
+            "instrumentation": summary.get("instrumentation") or {}, "heads_quality": heads_quality(last),
+            "probe_steps": _probe_steps(records)}
+
+
+def _probe_steps(records: Path) -> list:
+    if not records.exists():
+        return []
+    return [json.loads(line)["step"] for line in records.read_text().splitlines() if line.strip()]
+
+
+def heads_quality(record) -> dict:
+    """Mean over headed layers of the tuned lens' KL(p_L ‖ p_lens) and agreement, and the logit lens' on the same
+    layers, at the last probe (empty without tuned-lens heads)."""
+    if not record or "tuned_lens" not in (record.get("heads") or {}):
+        return {}
+    rows = [r for r in record["heads"]["tuned_lens"] if r.get("kl") is not None]
+    lens = {r["layer"]: r for r in record["layers"]}
+    layers = [r["layer"] for r in rows]
+    if not layers:
+        return {}
+    mean = lambda values: sum(values) / len(values)
+    return {"step": record["step"], "tuned_kl": mean([r["kl"] for r in rows]),
+            "tuned_agree": mean([r["agree"] for r in rows]),
+            "lens_kl": mean([lens[l]["kl"] for l in layers]), "lens_agree": mean([lens[l]["agree"] for l in layers])}
 
 
 def run_variant(name: str, overrides: list, args) -> dict:
@@ -105,23 +149,76 @@ def run_variant(name: str, overrides: list, args) -> dict:
     return result
 
 
+def spread(values: list, fmt: str = "{:.1f}") -> str:
+    """``median (min-max)`` of a list of numbers."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+PROBE_PIECES = ("probe", "records", "loggers", "wandb", "wandb_final")
+HEADS_PIECES = ("capture", "heads_train")
+
+
+def piece_cpu(run: dict, owner: str, piece: str) -> float:
+    return float(((run.get("instrumentation") or {}).get(owner) or {}).get(piece, {}).get("cpu_s", 0.0))
+
+
 def markdown(info: dict, args, runs: dict, overrides: list) -> str:
     names = list(runs)
+    base = runs["base"]
     out = [f"Machine: {machine_markdown(info)}", "",
            f"`train(cfg)` with overrides {overrides or '(none: the default python train.py run)'}; "
-           f"{args.reps} alternated repetitions per variant, medians; ratios are medians of per-repetition ratios "
-           f"against `base`; torch threads {args.threads or 'default'}.", "",
-           "| variant | probes | wall s | wall / base | CPU s (process tree) | CPU / base | probe_s (records) |",
-           "|---|---|---|---|---|---|---|"]
+           f"{args.reps} alternated repetitions per variant, medians with (min-max) over repetitions; ratios are "
+           f"per-repetition ratios against `base`; torch threads {args.threads or 'default'}; CPU = process-tree "
+           "CPU seconds (user + system).", "",
+           "| variant | probes | wall s | wall / base | CPU s | **CPU / base** |",
+           "|---|---|---|---|---|---|"]
     for name in names:
         r = runs[name]
-        wall = [x["wall_s"] for x in r]
-        cpu = [x["tree_cpu_s"] for x in r]
-        base_wall = [x["wall_s"] for x in runs["base"]]
-        base_cpu = [x["tree_cpu_s"] for x in runs["base"]]
-        out.append(f"| {name} | {r[0]['probes']} | {median(wall):.1f} | **{median_ratio(wall, base_wall):.3f}** | "
-                   f"{median(cpu):.1f} | **{median_ratio(cpu, base_cpu):.3f}** | "
-                   f"{median([x['probe_s'] for x in r]):.2f} |")
+        wall, cpu = [x["wall_s"] for x in r], [x["tree_cpu_s"] for x in r]
+        wall_ratio = [a / b["wall_s"] for a, b in zip(wall, base)]
+        cpu_ratio = [a / b["tree_cpu_s"] for a, b in zip(cpu, base)]
+        out.append(f"| {name} | {r[0]['probes']} | {spread(wall)} | {spread(wall_ratio, '{:.3f}')} | {spread(cpu)} | "
+                   f"**{spread(cpu_ratio, '{:.3f}')}** |")
+    out += ["", "Where the overhead goes, from the callbacks' own meters (process CPU seconds in the training process, "
+            "medians; share = piece / the variant's own process CPU):", "",
+            "| variant | " + " | ".join(PROBE_PIECES + HEADS_PIECES) + " | instrumentation share |",
+            "|---|" + "---|" * (len(PROBE_PIECES) + len(HEADS_PIECES) + 1)]
+    for name in names:
+        r = runs[name]
+        if not any(x.get("instrumentation") for x in r):
+            continue
+        cells, shares = [], []
+        for x in r:
+            total = sum(piece_cpu(x, "EarlyExitProbe", p) for p in PROBE_PIECES)
+            total += sum(piece_cpu(x, "ExitHeads", p) for p in HEADS_PIECES)
+            shares.append(total / x["cpu_s"] if x["cpu_s"] > 0 else float("nan"))
+        for owner, pieces in (("EarlyExitProbe", PROBE_PIECES), ("ExitHeads", HEADS_PIECES)):
+            for piece in pieces:
+                values = [piece_cpu(x, owner, piece) for x in r]
+                share = median([v / x["cpu_s"] for v, x in zip(values, r) if x["cpu_s"] > 0])
+                cells.append(f"{median(values):.2f} ({100 * share:.1f} %)" if max(values) > 0 else "-")
+        out.append(f"| {name} | " + " | ".join(cells) + f" | **{spread([100 * s for s in shares], '{:.1f}')} %** |")
+    quality = [(name, runs[name]) for name in names if any(x.get("heads_quality") for x in runs[name])]
+    if quality:
+        out += ["", "Exit heads: cost against quality at the last probe (tuned lens vs logit lens, mean over the "
+                "headed layers; cost = the heads' CPU share of their run):", "",
+                "| variant | heads CPU share | tuned-lens KL | logit-lens KL | tuned-lens agree | logit-lens agree |",
+                "|---|---|---|---|---|---|"]
+        for name, r in quality:
+            q = [x["heads_quality"] for x in r if x.get("heads_quality")]
+            share = [sum(piece_cpu(x, "ExitHeads", p) for p in HEADS_PIECES) / x["cpu_s"] for x in r if x["cpu_s"]]
+            out.append(f"| {name} | {spread([100 * v for v in share], '{:.1f}')} % | "
+                       f"{spread([v['tuned_kl'] for v in q], '{:.4f}')} | {spread([v['lens_kl'] for v in q], '{:.4f}')} | "
+                       f"{spread([v['tuned_agree'] for v in q], '{:.3f}')} | "
+                       f"{spread([v['lens_agree'] for v in q], '{:.3f}')} |")
+    adaptive = [x for name in names for x in runs[name] if name.startswith("probe/adaptive")]
+    if adaptive:
+        out += ["", "Adaptive cadence: probe steps per repetition: " +
+                "; ".join(str(x.get("probe_steps")) for x in adaptive)]
     out.append("")
     return "\n".join(out)
 
@@ -131,7 +228,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="CI-sized smoke: experiment=smoke, 4 steps, one repetition")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads in the training processes")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--heads-grid", action="store_true",
+                   help=f"add exit-heads variants heads/n<N>/t<T> for (N, T) in {HEADS_GRID}")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:OVERRIDE[;OVERRIDE...]",
                    help="an extra variant, e.g. 'probe/100:callbacks.ee_probe.every_n_steps=100'")
     p.add_argument("-o", "--override", action="append", default=[], help="extra Hydra override for every variant")
@@ -153,6 +252,9 @@ def parse_args(argv=None):
         if not name or name in VARIANTS:
             raise SystemExit(f"--variant needs a new NAME:OVERRIDES, got {item!r}")
         args.extra_variants[name] = [o for o in overrides.split(";") if o]
+    if args.heads_grid:
+        for every_n, tokens in HEADS_GRID:
+            args.extra_variants[f"heads/n{every_n}/t{tokens}"] = heads_variant(every_n, tokens)
     args.variants = list(args.variants) + list(args.extra_variants)
     return args
 
@@ -176,7 +278,7 @@ def main(argv=None) -> dict:
                 with open(args.json_out, "w") as fh:
                     json.dump({"machine": info, "args": vars(args), "runs": runs}, fh, indent=1, default=str)
             log(f"  rep {rep + 1}/{args.reps} {name}: {res['wall_s']:.1f}s wall, {res['tree_cpu_s']:.1f}s cpu, "
-                f"{res['probes']} probes, {res['probe_s']:.2f}s probing")
+                f"{res['probes']} probes, {res['probe_s']:.2f}s probing, heads {res.get('heads_quality')}")
     text = markdown(info, args, runs, list(args.override))
     print(text)
     result = {"machine": info, "args": vars(args), "runs": runs, "markdown": text}

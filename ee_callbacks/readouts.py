@@ -211,12 +211,17 @@ class ExitReadout(nn.Module):
 
     def loss(self, h: torch.Tensor, layer: int, targets: HeadTargets) -> torch.Tensor:
         """Training loss of layer ``layer`` on hidden states ``h`` (N, d): KL(p_L ‖ p_head) or next-token CE."""
-        z = self.logits(h, layer).float()
-        logq = F.log_softmax(z, dim=-1)
+        return self.loss_from_logits(self.logits(h, layer), targets)
+
+    def loss_from_logits(self, z: torch.Tensor, targets: HeadTargets) -> torch.Tensor:
+        """The loss of readout logits ``z``: (N, V) for one layer, or (g, N, V) for g layers stacked (the mean of
+        their g losses), against the same N tokens' targets."""
+        logq = F.log_softmax(z.float(), dim=-1)
         if self.objective == "ce":
             if targets.labels is None:
                 raise ValueError(f"{self.name}: objective='ce' needs next-token labels; none were found in the batch")
-            return F.nll_loss(logq, targets.labels)
+            stacked = logq.reshape(-1, logq.shape[-1])
+            return F.nll_loss(stacked, targets.labels.repeat(stacked.shape[0] // targets.labels.shape[0]))
         logp = targets.final_logp
         return (logp.exp() * (logp - logq)).sum(dim=-1).mean()
 

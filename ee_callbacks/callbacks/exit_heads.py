@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from ..cadence import CostMeter
 from ..capture import first_tensor
 from ..distributed import probe_forward_target, readout_context_factory
 from ..model_parts import ModelPartsError, find_language_model, find_model_parts, prove_model_parts
@@ -57,6 +58,13 @@ class ExitHeads(Callback):
       KL or CE in nats for logits kinds, BCE in nats for ``confidence``);
     - ``ee/heads_train/lr``: the heads' learning rate.
 
+    Cost (see docs/exit_heads.md for the measured trade-off): the heads train on ``max_tokens`` sampled positions of
+    every ``every_n_steps``-th optimizer step (no capture at all on the other steps). Kinds that read through the
+    model's own head (``tuned_lens``, ``mlp``) stack their layers into one unembedding matmul and one backward, and
+    the confidence heads' logit-lens targets of all layers come from one matmul, as long as the stacked
+    (layers × tokens × V) logits stay under ``stack_elements``. ``cost_summary()`` gives the wall and CPU seconds
+    spent (``capture``, ``heads_train``).
+
     Rules:
 
     - Once per optimizer step: each training micro-batch adds its gradients; the heads step (gradients averaged over
@@ -75,6 +83,8 @@ class ExitHeads(Callback):
         kinds: head kinds to train, a subset of ``tuned_lens``, ``linear``, ``mlp``, ``confidence``.
         layers: blocks with a head: None (all of 1..L−1), an int stride k (k, 2k, …), or a list of block indices.
         max_tokens: positions sampled per training micro-batch (None: all valid positions).
+        every_n_steps: train the heads on every this-many-th optimizer step only (1: every step).
+        stack_elements: the most readout-logit elements (layers × tokens × V) one stacked matmul may produce.
         objective: ``kl`` (KL(p_L ‖ p_head), the tuned-lens objective) or ``ce`` (next-token cross-entropy) for the
             logits kinds.
         optimizer: ``adam``, ``adamw`` or ``sgd`` (momentum 0.9, Nesterov).
@@ -95,7 +105,9 @@ class ExitHeads(Callback):
         self,
         kinds: Sequence[str] = ("tuned_lens", "confidence"),
         layers: Union[None, int, str, Sequence[int]] = None,
-        max_tokens: Optional[int] = 512,
+        max_tokens: Optional[int] = 128,
+        every_n_steps: int = 4,
+        stack_elements: int = 2**25,
         objective: str = "kl",
         optimizer: str = "adam",
         lr: float = 1e-3,
@@ -128,6 +140,11 @@ class ExitHeads(Callback):
             raise ValueError(f"layers must be None, 'all', an int stride or a list of block indices, got {layers!r}")
         if max_tokens is not None and (isinstance(max_tokens, bool) or int(max_tokens) < 1):
             raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive integer (1: train the heads every step), got "
+                             f"{every_n_steps!r}")
+        if isinstance(stack_elements, bool) or not isinstance(stack_elements, int) or stack_elements < 1:
+            raise ValueError(f"stack_elements must be a positive integer, got {stack_elements!r}")
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
         if optimizer not in _OPTIMIZERS:
@@ -147,6 +164,8 @@ class ExitHeads(Callback):
         self.kinds = kinds
         self.layers_arg = layers
         self.max_tokens = int(max_tokens) if max_tokens is not None else None
+        self.every_n_steps = every_n_steps
+        self.stack_elements = stack_elements
         self.objective = objective
         self.optimizer_name = optimizer
         self.lr = float(lr)
@@ -188,6 +207,8 @@ class ExitHeads(Callback):
         self._loss_sums: dict = {}
         self._loss_counts: dict = {}
         self._warned: set = set()
+        self._next_log_step = self.log_every_n_steps
+        self.costs = CostMeter()
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -398,10 +419,16 @@ class ExitHeads(Callback):
         if self.heads is None or trainer.sanity_checking:
             return
         self._captures, self._final, self._selection = {}, None, None
-        self._batch_info = _batch_tokens(batch)
-        self._sample_key = (int(trainer.global_step), int(batch_idx))
         self._step_at_start = int(trainer.global_step)
+        if not self._heads_step(self._step_at_start):
+            return  # not a step the heads train on: no capture, no cost
+        with self.costs.measure("capture"):
+            self._batch_info = _batch_tokens(batch)
+        self._sample_key = (int(trainer.global_step), int(batch_idx))
         self._armed = True
+
+    def _heads_step(self, step: int) -> bool:
+        return step % self.every_n_steps == 0
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if self.heads is None or trainer.sanity_checking:
@@ -409,13 +436,15 @@ class ExitHeads(Callback):
         self._armed = False
         complete = self._final is not None and all(layer in self._captures for layer in self._needed)
         if complete:
-            self._accumulate(self._captures, self._final, self._selection)
+            with self.costs.measure("heads_train"):
+                self._accumulate(self._captures, self._final, self._selection)
         elif self._captures or self._final is not None:
             self._warn_once("incomplete", "ExitHeads: a training forward did not run every headed block and the "
                                           "unembedding; that micro-batch is skipped")
         self._captures, self._final, self._selection = {}, None, None
-        if int(trainer.global_step) != self._step_at_start:  # the model's optimizer stepped
-            self._step(trainer)
+        if int(trainer.global_step) != self._step_at_start and self._heads_step(self._step_at_start):
+            with self.costs.measure("heads_train"):  # the model's optimizer stepped: so do the heads
+                self._step(trainer)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
@@ -451,29 +480,56 @@ class ExitHeads(Callback):
             labels = info[1].reshape(-1).to(self._selection.device).index_select(0, self._selection)
         lens_agree = None
         if "confidence" in self.heads:
-            shared = self.heads["confidence"].shared
+            confidence = self.heads["confidence"]
             top_final = final.argmax(dim=-1)
             lens_agree = {}
-            with torch.no_grad():
-                for layer in self.heads["confidence"].layers:
-                    lens_agree[layer] = shared(captures[layer].float()).argmax(dim=-1) == top_final
+            with torch.no_grad():  # the logit lens of a group of layers in one unembedding matmul
+                for group in self._layer_groups(confidence.layers, final.shape[0]):
+                    stacked = torch.cat([captures[layer].float() for layer in group])
+                    top = confidence.shared(stacked).argmax(dim=-1).view(len(group), -1)
+                    for i, layer in enumerate(group):
+                        lens_agree[layer] = top[i] == top_final
         return HeadTargets(final_logp=F.log_softmax(final, dim=-1), labels=labels, lens_agree=lens_agree)
 
     def _accumulate(self, captures: dict, final_logits: torch.Tensor, selection) -> None:
-        """Add one micro-batch's head gradients (each layer's loss backward on its own, bounding memory by N × V)."""
+        """Add one micro-batch's head gradients; every kind's loss goes backward per group of layers (see
+        ``_layer_groups``), bounding memory by ``stack_elements`` (or one layer's N × V)."""
         if final_logits.shape[0] == 0:
             return
         with torch.enable_grad():
             targets = self._targets(captures, final_logits)
             for kind, head in self.heads.items():
                 total = 0.0
-                for layer in head.layers:
-                    loss = head.loss(captures[layer].float(), layer, targets)
+                for loss in self._layer_losses(head, captures, targets, final_logits.shape[0]):
                     loss.backward()
                     total = total + loss.detach()
                 self._loss_sums[kind] = self._loss_sums.get(kind, 0.0) + total / max(1, len(head.layers))
                 self._loss_counts[kind] = self._loss_counts.get(kind, 0) + 1
         self._micro_batches += 1
+
+    def _layer_losses(self, head, captures: dict, targets: HeadTargets, rows: int):
+        """The head's training losses to back-propagate, summing to Σ_ℓ loss_ℓ: one per group of stacked layers for
+        kinds that read through the model's own head (one unembedding matmul per group), one per layer otherwise."""
+        if not hasattr(head, "transform"):  # own unembedding per layer (linear) or no logits (confidence)
+            for layer in head.layers:
+                yield head.loss(captures[layer].float(), layer, targets)
+            return
+        for group in self._layer_groups(head.layers, rows):
+            inputs = torch.cat([head.transform(captures[layer].float(), layer) for layer in group])
+            logits = head.shared(inputs).view(len(group), rows, -1)
+            yield head.loss_from_logits(logits, targets) * len(group)  # mean over the group × its size
+
+    def _layer_groups(self, layers: list, rows: int) -> list:
+        """``layers`` cut into consecutive groups whose stacked (group × rows × V) readout logits fit ``stack_elements``
+        (bounding memory as one layer at a time did when a single layer exceeds it)."""
+        vocab = int(self._parts.unembed.weight.shape[0])
+        size = max(1, self.stack_elements // max(1, rows * vocab))
+        return [layers[i : i + size] for i in range(0, len(layers), size)]
+
+    def cost_summary(self) -> dict:
+        """Wall and CPU seconds spent so far: ``capture`` (token sample of the batch), ``heads_train`` (losses,
+        backward and optimizer steps of the heads); ``{piece: {wall_s, cpu_s, calls}}``."""
+        return self.costs.summary()
 
     def _step(self, trainer: Trainer) -> None:
         params = [p for p in self.heads.parameters()]
@@ -509,7 +565,10 @@ class ExitHeads(Callback):
         self._optimizer.zero_grad(set_to_none=True)
         self._micro_batches = 0
         step = int(trainer.global_step)
-        if self._loss_counts and step % self.log_every_n_steps == 0 and trainer.is_global_zero and trainer.loggers:
+        log_now = step >= self._next_log_step  # the first head step at or past each multiple of log_every_n_steps
+        if log_now:
+            self._next_log_step = (step // self.log_every_n_steps + 1) * self.log_every_n_steps
+        if self._loss_counts and log_now and trainer.is_global_zero and trainer.loggers:
             metrics = {f"ee/heads_train/{kind}/loss": float(self._loss_sums[kind]) / self._loss_counts[kind]
                        for kind in self._loss_counts}
             metrics["ee/heads_train/lr"] = float(self._optimizer.param_groups[0]["lr"])

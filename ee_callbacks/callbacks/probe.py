@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from ..cadence import AdaptiveCadence, CostMeter
 from ..distributed import param_count, probe_forward_target, probe_shard, readout_context_factory, wrapped_root
 from ..model_parts import find_language_model, find_model_parts, prove_on_probe_set
 from ..probe import ProbeConfig, prepare_batches, run_probe
@@ -43,14 +44,22 @@ class EarlyExitProbe(Callback):
     - ``<p>/summary/<name>`` for eas, oracle_skip_strict, oracle_skip_lenient, static_exit_layer,
       static_skip_5pct, spec_speedup_est, final_ce, final_acc, angular_min_<n>, cka_drift_mean, probe_s,
       and ``<p>/summary/skip_at_consistency_<c>/<rule>``;
-    - ``<p>/heads/<kind>/<metric>/layer_<ℓ:02d>`` for trained exit heads (see ``ExitHeads``).
+    - ``<p>/heads/<kind>/<metric>/layer_<ℓ:02d>`` for trained exit heads (see ``ExitHeads``);
+    - with ``max_overhead``: ``ee/cadence/every_n_steps`` (the gap chosen after each probe),
+      ``ee/cadence/expected_share`` (the probe's share of wall time at that gap), ``ee/cadence/probe_s`` and
+      ``ee/cadence/step_s`` (the measured probe and training-step wall seconds it was decided from).
 
     Every key is also written into ``trainer.callback_metrics`` on every rank after each probe (not through
     ``LightningModule.log``), so ``ModelCheckpoint(monitor="ee/summary/eas", mode="max")`` and
     ``EarlyStopping(monitor=...)`` see the latest probe's values like any logged metric.
 
     Args:
-        every_n_steps: probe every this many optimizer steps (> 0).
+        every_n_steps: probe every this many optimizer steps (> 0); with ``max_overhead``, the densest cadence.
+        max_overhead: None (fixed cadence) or a fraction of wall time, e.g. 0.02: after each probe the gap to the
+            next one is chosen so that probing (the probe and its sinks, as measured) takes at most this share of
+            the run's wall time, given the training steps' measured wall time (:class:`~ee_callbacks.cadence.
+            AdaptiveCadence`); every decision is logged (``ee/cadence/*``) and kept in ``cadence_decisions``.
+        max_every_n_steps: with ``max_overhead``, the sparsest cadence (None: unbounded).
         probe_data: a LongTensor (N, T), a dataset, a DataLoader, or a dict ``{set name: one of those}`` for
             several named probe sets ("workloads"). Default: drawn from the validation dataloader.
         probe_sequences: sequences per probe set (drawn once, seeded).
@@ -102,6 +111,8 @@ class EarlyExitProbe(Callback):
         wandb_images: bool = False,
         data_name: Optional[str] = None,
         run_info: Optional[Mapping] = None,
+        max_overhead: Optional[float] = None,
+        max_every_n_steps: Optional[int] = None,
     ):
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
@@ -113,6 +124,11 @@ class EarlyExitProbe(Callback):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.every_n_steps = every_n_steps
+        self.max_overhead = max_overhead
+        self.cadence = (AdaptiveCadence(every_n_steps, max_overhead, max_every_n_steps)
+                        if max_overhead is not None else None)
+        if self.cadence is None and max_every_n_steps is not None:
+            raise ValueError("max_every_n_steps bounds the adaptive cadence: pass max_overhead= too (e.g. 0.02)")
         self.probe_data = probe_data
         self.probe_sequences = probe_sequences
         self.seq_len = seq_len
@@ -145,6 +161,8 @@ class EarlyExitProbe(Callback):
         self.heads_dir: Optional[str] = None  # saved exit heads (from a readout provider) uploaded with the records
         self._resumed = False
         self.last_records: dict = {}
+        self.costs = CostMeter()  # wall/CPU seconds per piece: probe, records, loggers, wandb (see cost_summary)
+        self._probe_ended: Optional[tuple] = None  # (perf_counter, global_step) when the last probe finished
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -161,6 +179,7 @@ class EarlyExitProbe(Callback):
             "last_probe_step": self.last_probe_step,
             "drift_state": self._drift_state,
             "config": self.config.to_dict(),
+            "cadence": self.cadence.state_dict() if self.cadence is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -168,6 +187,8 @@ class EarlyExitProbe(Callback):
         self.history = list(state_dict.get("history", []))
         self.last_probe_step = state_dict.get("last_probe_step")
         self._drift_state = dict(state_dict.get("drift_state", {}) or {})
+        if self.cadence is not None and state_dict.get("cadence"):
+            self.cadence.load_state_dict(state_dict["cadence"])
         self._resumed = True
 
     # ------------------------------------------------------------------ set-up
@@ -263,9 +284,11 @@ class EarlyExitProbe(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.every_n_steps != 0 or self.last_probe_step == step:
+        if step == 0 or self.last_probe_step == step:
             return  # under gradient accumulation global_step only moves on optimizer steps: probe once per step
-        self._probe(trainer, pl_module)
+        due = self.cadence.due(step) if self.cadence is not None else step % self.every_n_steps == 0
+        if due:
+            self._probe(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.probe_at_end and self.last_probe_step != trainer.global_step and self._sets:
@@ -291,7 +314,9 @@ class EarlyExitProbe(Callback):
     def _log_wandb_artifact(self, trainer: Trainer, status: str) -> None:
         if self._extras is not None and self._path is not None and self._path.exists():
             wl = self._wandb_logger(trainer)
-            self._safe(lambda: self._extras.log_artifact(wl, str(self._path), self.heads_dir, status=status), "wandb")
+            with self.costs.measure("wandb_final"):
+                self._safe(lambda: self._extras.log_artifact(wl, str(self._path), self.heads_dir, status=status),
+                           "wandb")
 
     def _write_pending_or_raise(self) -> None:
         try:
@@ -313,6 +338,52 @@ class EarlyExitProbe(Callback):
         if not self._sets or self._parts is None:
             return
         step = int(trainer.global_step)
+        started = time.perf_counter()
+        with self.costs.measure("total"):
+            self._probe_sets(trainer, pl_module, step)
+        self.last_probe_step = step
+        if self.cadence is not None:
+            self._decide_cadence(trainer, step, started)
+        self._probe_ended = (time.perf_counter(), step)
+
+    def _decide_cadence(self, trainer: Trainer, step: int, started: float) -> None:
+        """Space the next probe by this probe's measured cost (rank zero's clock, broadcast: ranks probe together)."""
+        probe_s = time.perf_counter() - started
+        train_s, train_steps = None, 0
+        if self._probe_ended is not None:
+            train_s, train_steps = started - self._probe_ended[0], step - self._probe_ended[1]
+        decision = self.cadence.after_probe(step, probe_s, train_s, train_steps)
+        with contextlib.suppress(Exception):
+            next_step = trainer.strategy.broadcast(decision.next_step, src=0)
+            self.cadence.next_step = int(next_step)
+        if not trainer.is_global_zero:
+            return
+        metrics = {"ee/cadence/every_n_steps": float(decision.every_n_steps), "ee/cadence/probe_s": decision.probe_s}
+        if decision.step_s is not None:
+            metrics["ee/cadence/step_s"] = decision.step_s
+            metrics["ee/cadence/expected_share"] = decision.expected_share
+        for logger_name, err in log_to_loggers(trainer.loggers, metrics, step=step):
+            self._warn_once(f"logger:{logger_name}", f"EarlyExitProbe: logging to {logger_name} failed ({err})")
+        previous = self.cadence.decisions[-2].every_n_steps if len(self.cadence.decisions) > 1 else None
+        if decision.every_n_steps != previous:
+            log.info("EarlyExitProbe: next probe in %d steps (probe %.2fs, step %s; expected share %s, budget %.3f)",
+                     decision.every_n_steps, decision.probe_s,
+                     "unmeasured" if decision.step_s is None else f"{decision.step_s:.3f}s",
+                     "-" if decision.expected_share is None else f"{decision.expected_share:.4f}",
+                     self.cadence.max_overhead)
+
+    @property
+    def cadence_decisions(self) -> list:
+        """Every adaptive-cadence decision so far, as dicts (empty with a fixed cadence)."""
+        return [d.to_dict() for d in self.cadence.decisions] if self.cadence is not None else []
+
+    def cost_summary(self) -> dict:
+        """Instrumentation cost of this run so far: ``{piece: {wall_s, cpu_s, calls}}`` for ``total`` (everything a
+        probe did on the training thread), ``probe`` (``run_probe``), ``records`` (JSONL appends), ``loggers``
+        (Lightning loggers), ``wandb`` (W&B extras), ``wandb_final`` (end-of-fit W&B uploads)."""
+        return self.costs.summary()
+
+    def _probe_sets(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         rank, world = probe_shard(trainer, pl_module)  # (0, 1) under FSDP: every rank probes the whole set
         reduce = _make_reduce(trainer) if world > 1 else None
         target = probe_forward_target(trainer, pl_module, self._lm)
@@ -320,7 +391,7 @@ class EarlyExitProbe(Callback):
         readouts = self._readouts(trainer)
         with preserved_rng():
             for name, batches in self._sets.items():
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 record = run_probe(
                     self._lm,
                     batches,
@@ -339,6 +410,7 @@ class EarlyExitProbe(Callback):
                     forward_module=None if target is self._lm else target,
                     readout_context=full,
                 )
+                self.costs.add("probe", time.perf_counter() - t0, time.process_time() - cpu0)
                 if full is not None:
                     record.model["params"] = param_count(self._lm, wrapped_root(trainer, pl_module))
                 if world > 1 and record.state.get("cka_grams") is not None:
@@ -352,7 +424,6 @@ class EarlyExitProbe(Callback):
                 _publish_callback_metrics(trainer, flatten_record_metrics(data, _prefix(name)))
                 if trainer.is_global_zero:
                     self._emit(trainer, name, data, time.perf_counter() - t0)
-        self.last_probe_step = step
 
     def _write(self, record) -> dict:
         """Append a record (and any that failed before). A failure warns and keeps the record pending: training goes
@@ -371,19 +442,23 @@ class EarlyExitProbe(Callback):
         return data
 
     def _emit(self, trainer: Trainer, name: str, record, seconds: float) -> None:
-        data = self._write(record)
+        with self.costs.measure("records"):
+            data = self._write(record)
         self.last_records[name] = data
         self.history.append({"set": name, "step": data["step"], "summary": data["summary"], "layers": data["layers"]})
         metrics = flatten_record_metrics(data, _prefix(name))
         if self._extras is not None:  # hidden/visible and summary modes must be declared before the first log
-            self._safe(lambda: self._extras.define_metrics(self._wandb_logger(trainer), metrics, name), "wandb")
-        failures = log_to_loggers(trainer.loggers, metrics, step=int(trainer.global_step))
+            with self.costs.measure("wandb"):
+                self._safe(lambda: self._extras.define_metrics(self._wandb_logger(trainer), metrics, name), "wandb")
+        with self.costs.measure("loggers"):
+            failures = log_to_loggers(trainer.loggers, metrics, step=int(trainer.global_step))
         for logger_name, err in failures:
             self._warn_once(f"logger:{logger_name}", f"EarlyExitProbe: logging to {logger_name} failed ({err}); "
                                                      "the other loggers and ee_probes.jsonl go on")
         if self._extras is not None:
             history = [h for h in self.history if h["set"] == name]
-            self._safe(lambda: self._extras.log_probe(self._wandb_logger(trainer), data, history, name), "wandb")
+            with self.costs.measure("wandb"):
+                self._safe(lambda: self._extras.log_probe(self._wandb_logger(trainer), data, history, name), "wandb")
         summary = data["summary"]
         eas = summary.get("eas")
         msg = (f"[ee_callbacks] probe '{name}' step {data['step']}: EAS {eas:.3f}" if eas is not None

@@ -73,7 +73,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ``{"run_dir", "first_train_loss" (step 0), "final_train_loss" (mean of the last 10 steps), "val_loss" (at the
         last step), "global_step", "checkpoints" (sorted paths), "model_name", "model_family", "vocab_size",
         "probe" (the ``summary`` of the last probe record in ``ee_probes.jsonl``: probe set ``default`` if present,
-        else the last set; None without the probe callback and on ranks other than 0), "probe_step" (its step)}``.
+        else the last set; None without the probe callback and on ranks other than 0), "probe_step" (its step),
+        "instrumentation" (``{callback class: {piece: {wall_s, cpu_s, calls}}}``, see ``EarlyExitProbe.cost_summary``
+        and ``ExitHeads.cost_summary``)}``.
         :func:`objective_value` turns this into the number a sweeper optimises.
     """
     import lightning.pytorch as pl
@@ -134,6 +136,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "vocab_size": datamodule.vocab_size,
         "probe": probe_summary,
         "probe_step": probe_step,
+        # wall/CPU seconds of each piece of instrumentation (EarlyExitProbe, ExitHeads): where the overhead goes
+        "instrumentation": {type(cb).__name__: cb.cost_summary() for cb in callbacks if hasattr(cb, "cost_summary")},
     }
 
 
