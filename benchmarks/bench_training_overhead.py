@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO_ROOT, machine_info, machine_markdown, median
+from benchmarks.common import REPO_ROOT, machine_info, machine_markdown, median, write_json
 
 VARIANTS = {
     "base": ["~callbacks.ee_probe"],
@@ -275,16 +275,14 @@ def main(argv=None) -> dict:
             res = run_variant(name, variant + list(args.override), args)
             runs[name].append(res)
             if args.json_out:  # partial results survive an interrupted run
-                with open(args.json_out, "w") as fh:
-                    json.dump({"machine": info, "args": vars(args), "runs": runs}, fh, indent=1, default=str)
+                write_json(args.json_out, {"machine": info, "args": vars(args), "runs": runs})
             log(f"  rep {rep + 1}/{args.reps} {name}: {res['wall_s']:.1f}s wall, {res['tree_cpu_s']:.1f}s cpu, "
                 f"{res['probes']} probes, {res['probe_s']:.2f}s probing, heads {res.get('heads_quality')}")
     text = markdown(info, args, runs, list(args.override))
     print(text)
     result = {"machine": info, "args": vars(args), "runs": runs, "markdown": text}
     if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump(result, fh, indent=1, default=str)
+        write_json(args.json_out, result)
     return result
 
 

@@ -218,3 +218,9 @@ def run_child(module: str, payload: dict, timeout: float = 3600.0) -> dict:
 
 def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def write_json(path, data: dict) -> None:
+    """Write a benchmark's measurements (``default=str`` for anything JSON does not know)."""
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1, default=str)

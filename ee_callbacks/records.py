@@ -114,18 +114,21 @@ def _as_dict(record: Union[ProbeRecord, dict]) -> dict:
     return record.to_dict() if isinstance(record, ProbeRecord) else sanitize(record)
 
 
-def append_record(path: Union[str, os.PathLike], record: Union[ProbeRecord, dict]) -> dict:
+def append_record(path: Union[str, os.PathLike], record: Union[ProbeRecord, dict], check_tail: bool = True) -> dict:
     """Append one record as a JSON line, flushed and fsynced. Returns the dict written.
 
     If the file ends in a torn line (no trailing newline), the new record starts on a fresh line so that it is never
-    glued to the fragment. Raises OSError when the file cannot be written: a lost record must be seen.
+    glued to the fragment. A writer that made the last append itself knows the file ends in a newline and passes
+    ``check_tail=False`` (no read of the file at all). Raises OSError when the file cannot be written: a lost record
+    must be seen.
     """
     data = _as_dict(record)
     line = json.dumps(data, allow_nan=False, separators=(",", ":"))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     prefix = ""
-    if path.exists() and path.stat().st_size > 0:
+    if check_tail:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if check_tail and path.exists() and path.stat().st_size > 0:
         with open(path, "rb") as fh:
             fh.seek(-1, os.SEEK_END)
             if fh.read(1) != b"\n":

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import baselines, bench_probe, bench_training_overhead
+from benchmarks import baselines, bench_gpu, bench_probe, bench_training_overhead
 
 
 def test_bench_probe_quick_runs_and_the_naive_baseline_agrees():
@@ -47,10 +47,31 @@ def test_bench_probe_memory_child_in_a_fresh_process():
 def test_bench_training_overhead_quick_in_process(tmp_path, monkeypatch):
     monkeypatch.setenv("EE_CACHE_DIR", str(tmp_path / "cache"))
     result = bench_training_overhead.main(["--quick", "--in-process", "--variants", "base", "probe+heads",
-                                           "--variant", "probe/2:callbacks.ee_probe.every_n_steps=2"])
+                                           "probe/adaptive", "--variant", "probe/2:callbacks.ee_probe.every_n_steps=2"])
     runs = result["runs"]
+    # every piece of the instrumentation is metered in the run that trained
+    probe_costs = runs["probe+heads"][0]["instrumentation"]["EarlyExitProbe"]
+    assert probe_costs["probe"]["calls"] == runs["probe+heads"][0]["probes"] and probe_costs["probe"]["cpu_s"] > 0
+    assert probe_costs["records"]["calls"] == runs["probe+heads"][0]["probes"]
+    assert runs["probe+heads"][0]["instrumentation"]["ExitHeads"]["heads_train"]["calls"] >= 1
+    assert set(runs["probe+heads"][0]["heads_quality"]) >= {"tuned_kl", "lens_kl", "tuned_agree", "lens_agree"}
+    assert runs["probe/adaptive"][0]["probe_steps"][0] == 0
+    assert "Where the overhead goes" in result["markdown"] and "Exit heads: cost against quality" in result["markdown"]
     assert runs["base"][0]["probes"] == 0
     assert runs["probe+heads"][0]["probes"] >= 1 and runs["probe+heads"][0]["probe_s"] > 0
     assert runs["probe/2"][0]["probes"] > runs["probe+heads"][0]["probes"]  # an extra variant with its overrides
     assert runs["base"][0]["global_step"] == runs["probe+heads"][0]["global_step"] == 4
     assert "wall / base" in result["markdown"]
+
+
+def test_bench_gpu_quick_runs_the_same_code_on_a_tiny_cpu_model():
+    result = bench_gpu.main(["--quick"])
+    assert result["args"]["dtype"] == "bfloat16" and result["tokens"] == 124
+    assert result["probe_vs_floor"]["probe_s"] > 0 and math.isfinite(result["probe_vs_floor"]["probe_over_floor"])
+    diffs = result["bf16_vs_float32"]
+    assert set(diffs) == set(bench_gpu.FIGURES) | set(bench_gpu.SUMMARIES)
+    # bf16 readouts against float32 ones on the same weights: close, but not the same computation
+    assert 0 < diffs["kl"] < 0.05 and diffs["agree"] <= 0.1
+    train = result["training"]
+    assert len(train["runs"]["train+probe"]) == 1 and train["step_s"] > 0 and math.isfinite(train["ratio"])
+    assert "| floor (strict) |" in result["markdown"]

@@ -117,7 +117,7 @@ class GradChecker(L.Callback):
 
 def test_no_gradient_flows_between_heads_and_model_in_training(tmp_path):
     train, _ = loaders()
-    heads = ExitHeads(kinds=ALL_KINDS, lr=1e-2)
+    heads = ExitHeads(every_n_steps=1, kinds=ALL_KINDS, lr=1e-2)
     checker = GradChecker(heads)
     trainer = _trainer(tmp_path, [heads, checker], max_steps=4)
     trainer.fit(TinyLM(kind="llama", dropout=0.0), train)
@@ -144,7 +144,7 @@ def _fit_losses(root, with_heads, steps=24):
     rec = LossRecorder()
     callbacks = [rec]
     if with_heads:
-        callbacks += [ExitHeads(kinds=ALL_KINDS, lr=1e-2, max_tokens=64),
+        callbacks += [ExitHeads(every_n_steps=1, kinds=ALL_KINDS, lr=1e-2, max_tokens=64),
                       EarlyExitProbe(every_n_steps=10, probe_data=PROBE, print_table=False)]
     module = TinyLM(dropout=0.1)
     _trainer(root, callbacks, steps).fit(module, train, val)
@@ -167,7 +167,7 @@ def test_training_is_bit_identical_with_and_without_heads(tmp_path):
 
 def test_gradient_accumulation_steps_heads_once_per_optimizer_step(tmp_path):
     train, _ = loaders(n=72)  # 9 batches: three full accumulation windows
-    heads = ExitHeads(kinds=["tuned_lens"], lr=1e-2)
+    heads = ExitHeads(every_n_steps=1, kinds=["tuned_lens"], lr=1e-2)
     seen = []
 
     class Count(L.Callback):
@@ -230,7 +230,7 @@ class PlainModule(L.LightningModule):
 def test_activation_checkpointing_recomputation_is_ignored(tmp_path):
     def run(checkpointing, root):
         train = DataLoader(TensorDataset(pattern_tokens(24, 24, 64, 0)), batch_size=8)
-        heads = ExitHeads(kinds=["tuned_lens", "confidence"], lr=1e-2, max_tokens=64)
+        heads = ExitHeads(every_n_steps=1, kinds=["tuned_lens", "confidence"], lr=1e-2, max_tokens=64)
         module = PlainModule(checkpointing)
         calls = []
         module.model.blocks[1].register_forward_hook(lambda *args: calls.append(torch.is_grad_enabled()))
@@ -255,7 +255,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     L.seed_everything(0)
     train, _ = loaders()
-    heads = ExitHeads(kinds=ALL_KINDS, lr=1e-2, max_tokens=128, log_every_n_steps=20, save_dir=root / "heads")
+    heads = ExitHeads(every_n_steps=1, kinds=ALL_KINDS, lr=1e-2, max_tokens=128, log_every_n_steps=20, save_dir=root / "heads")
     probe = EarlyExitProbe(every_n_steps=1000, probe_data=PROBE, print_table=False, probe_at_start=False,
                            output_path=root / "ee_probes.jsonl")
     logger = CSVLogger(str(root), name="csv")
@@ -372,7 +372,7 @@ def _resume_loader():
 
 
 def _resume_heads():
-    return ExitHeads(kinds=ALL_KINDS, lr=1e-2, max_tokens=64, schedule="cosine", warmup_steps=2, total_steps=12,
+    return ExitHeads(every_n_steps=1, kinds=ALL_KINDS, lr=1e-2, max_tokens=64, schedule="cosine", warmup_steps=2, total_steps=12,
                      min_lr_ratio=0.1)
 
 
@@ -449,3 +449,82 @@ def test_bad_arguments_are_rejected():
         ExitHeads(schedule="step")
     with pytest.raises(ValueError, match="layers"):
         ExitHeads(layers=[4]).build(tiny_gpt2(dropout=0.0))
+    with pytest.raises(ValueError, match="every_n_steps"):
+        ExitHeads(every_n_steps=0)
+    with pytest.raises(ValueError, match="stack_elements"):
+        ExitHeads(stack_elements=0)
+
+
+# ------------------------------------------------------------------------------------------------ cost knobs
+
+
+def test_every_n_steps_trains_the_heads_on_those_steps_only(tmp_path):
+    train, _ = loaders()
+    heads = ExitHeads(kinds=["tuned_lens", "confidence"], lr=1e-2, every_n_steps=3, max_tokens=32,
+                      log_every_n_steps=4)
+    seen = []
+
+    class Count(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((trainer.global_step, heads.head_steps))
+
+    logger = CSVLogger(str(tmp_path), name="csv")
+    _trainer(tmp_path, [heads, Count()], max_steps=10, logger=logger).fit(TinyLM(dropout=0.0), train)
+    # the heads step after the model's steps 0, 3, 6 and 9 (global_step is then 1, 4, 7, 10)
+    assert seen == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2), (7, 3), (8, 3), (9, 3), (10, 4)]
+    costs = heads.cost_summary()
+    assert costs["capture"]["calls"] == 4 and costs["heads_train"]["calls"] == 8  # 4 × (accumulate + step)
+    with open(Path(logger.log_dir) / "metrics.csv") as fh:
+        logged = [int(r["step"]) for r in csv.DictReader(fh) if r.get("ee/heads_train/tuned_lens/loss")]
+    assert logged == [4, 10]  # the first head step at or past each multiple of log_every_n_steps (4, 8)
+
+
+@pytest.mark.parametrize("objective", ["kl", "ce"])
+def test_stacked_layers_give_the_per_layer_losses_and_gradients(objective):
+    """One stacked unembedding matmul per group of layers = Σ over layers of each layer's own loss (the formula
+    a single head computes), gradients included; the confidence targets are the logit lens' agreement."""
+    torch.manual_seed(0)
+    model = tiny_llama(vocab=64, layers=4, hidden=32)
+    ids = pattern_tokens(4, 12, 64, 1)
+    parts = find_model_parts(model)
+    with torch.no_grad(), HiddenStateCapture(parts) as cap:
+        logits = model(input_ids=ids).logits
+    rows = ids.numel()
+    captures = {layer: cap.states[layer].reshape(rows, -1) for layer in range(1, 4)}
+    final = logits.reshape(rows, -1)
+    labels = torch.roll(ids, -1, 1).reshape(-1)
+
+    def run(stack_elements):
+        heads = ExitHeads(kinds=["tuned_lens", "mlp", "confidence"], objective=objective, stack_elements=stack_elements)
+        heads.build(model)
+        with torch.no_grad():  # move the zero-initialised translators off the logit lens
+            for kind in ("tuned_lens", "mlp"):
+                for p in heads.heads[kind].parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        heads._batch_info = (ids, torch.roll(ids, -1, 1), torch.ones_like(ids, dtype=torch.bool))
+        heads._selection = torch.arange(rows)
+        heads._accumulate(captures, final, heads._selection)
+        grads = {n: p.grad.clone() for n, p in heads.heads.named_parameters()}
+        return heads, grads
+
+    stacked, grads = run(2**30)
+    assert stacked._layer_groups([1, 2, 3], rows) == [[1, 2, 3]]
+    one_by_one, grads_single = run(rows * 64)  # one layer per group
+    assert one_by_one._layer_groups([1, 2, 3], rows) == [[1], [2], [3]]
+    # the reference: each layer's loss through the head's own single-layer formula, backward, summed
+    ref = stacked.heads
+    for p in ref.parameters():
+        p.grad = None
+    targets = HeadTargets(final_logp=torch.log_softmax(final.float(), -1), labels=labels,
+                          lens_agree={l: parts.readout(captures[l]).argmax(-1) == final.argmax(-1) for l in (1, 2, 3)})
+    for kind in ("tuned_lens", "mlp", "confidence"):
+        total = 0.0
+        for layer in (1, 2, 3):
+            loss = ref[kind].loss(captures[layer].float(), layer, targets)
+            loss.backward()
+            total += float(loss)
+        assert float(stacked._loss_sums[kind]) == pytest.approx(total / 3, rel=1e-5), kind
+        assert float(one_by_one._loss_sums[kind]) == pytest.approx(total / 3, rel=1e-5), kind
+    for name, p in ref.named_parameters():
+        assert torch.allclose(grads[name], p.grad, rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(grads_single[name], p.grad, rtol=1e-4, atol=1e-6), name

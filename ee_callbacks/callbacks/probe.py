@@ -159,6 +159,7 @@ class EarlyExitProbe(Callback):
         self._sink_failures: set = set()
         self._pending: list = []
         self.heads_dir: Optional[str] = None  # saved exit heads (from a readout provider) uploaded with the records
+        self._appended = False  # this callback made the records file's last append (it ends in a newline)
         self._resumed = False
         self.last_records: dict = {}
         self.costs = CostMeter()  # wall/CPU seconds per piece: probe, records, loggers, wandb (see cost_summary)
@@ -432,9 +433,12 @@ class EarlyExitProbe(Callback):
         self._pending.append(data)
         try:
             while self._pending:
-                append_record(self._path, self._pending[0])
+                # after our own successful append the file ends in a newline: no need to read its tail again
+                append_record(self._path, self._pending[0], check_tail=not self._appended)
+                self._appended = True
                 self._pending.pop(0)
         except OSError as err:
+            self._appended = False
             warnings.warn(
                 f"EarlyExitProbe: could not write {self._path} ({err}); {len(self._pending)} record(s) kept in memory "
                 "and retried at the next probe", RuntimeWarning,
