@@ -27,7 +27,6 @@ mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 

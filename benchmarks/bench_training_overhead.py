@@ -168,7 +168,7 @@ def piece_cpu(run: dict, owner: str, piece: str) -> float:
 
 def markdown(info: dict, args, runs: dict, overrides: list) -> str:
     names = list(runs)
-    base = runs["base"]
+    base = runs.get("base") or [{"wall_s": float("nan"), "tree_cpu_s": float("nan")}] * args.reps
     out = [f"Machine: {machine_markdown(info)}", "",
            f"`train(cfg)` with overrides {overrides or '(none: the default python train.py run)'}; "
            f"{args.reps} alternated repetitions per variant, medians with (min-max) over repetitions; ratios are "
@@ -234,6 +234,8 @@ def parse_args(argv=None):
     p.add_argument("--variant", action="append", default=[], metavar="NAME:OVERRIDE[;OVERRIDE...]",
                    help="an extra variant, e.g. 'probe/100:callbacks.ee_probe.every_n_steps=100'")
     p.add_argument("-o", "--override", action="append", default=[], help="extra Hydra override for every variant")
+    p.add_argument("--no-base", action="store_true",
+                   help="skip the base variant (the meters' shares need no base; the ratio columns are then nan)")
     p.add_argument("--timeout", type=float, default=7200.0)
     p.add_argument("--keep", action="store_true", help="keep the run directories")
     p.add_argument("--in-process", action="store_true",
@@ -244,7 +246,7 @@ def parse_args(argv=None):
     if args.quick:
         args.reps = 1
         args.override = QUICK_OVERRIDES + list(args.override)
-    if "base" not in args.variants:
+    if "base" not in args.variants and not args.no_base:
         args.variants = ["base"] + list(args.variants)
     args.extra_variants = {}
     for item in args.variant:
