@@ -53,7 +53,7 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = ["base", "probe", "probe-no-extras", "probe/adaptive", "probe+heads"]
 # exit heads: (every_n_steps, max_tokens); (1, 512) is the setting before issue #17
-HEADS_GRID = [(1, 512), (1, 128), (2, 256), (4, 512), (4, 128), (8, 128)]
+HEADS_GRID = [(1, 512), (1, 128), (2, 128), (4, 128)]
 
 
 def heads_variant(every_n: int, tokens: int) -> list:
