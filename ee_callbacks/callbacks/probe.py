@@ -269,6 +269,7 @@ class EarlyExitProbe(Callback):
     def _config_payload(self) -> dict:
         return {
             "every_n_steps": self.every_n_steps,
+            "max_overhead": self.max_overhead,
             "probe_sequences": self.probe_sequences,
             "seq_len": self.seq_len,
             "seed": self.seed,
