@@ -32,7 +32,7 @@ from .metrics.suitability import SpecRunStats
 from .model_parts import ModelParts, find_model_parts, unwrap_model
 from .probe_config import (
     DEFAULT_THRESHOLDS, DTYPES, EAS_SIMILARITIES, METRIC_FAMILIES, ProbeConfig, cap_tokens,
-    prepare_batches, valid_positions,
+    prepare_batches, resolve_layers, valid_positions,
 )
 from .probe_record import build_record
 from .readout_kernels import LENS_STATS, FinalChunk, HeadReadout, LogitLensReadout, Workspace
@@ -131,6 +131,7 @@ class _Probe:
         self.readout_context = readout_context or contextlib.nullcontext
         self.full_weights_outside = readout_context is None
         self.n_layers, self.has_head = self.parts.n_layers, self.parts.has_lm_head
+        self.probed = resolve_layers(config.layers, self.n_layers)  # 0..L unless ProbeConfig(layers=...)
         self.families = set(config.metrics)
         self.readout_dtype = DTYPES[config.dtype]
         self.want_js = config.eas_similarity == "js" and "eas" in self.families
@@ -153,8 +154,11 @@ class _Probe:
     def build_suite(self, first_layer: int, reference: dict) -> MetricSuite:
         cfg, L = self.config, self.n_layers
         self.first_layer = first_layer
-        self.exit_layers = list(range(max(int(cfg.min_exit_layer), first_layer), L + 1))
-        self.draft_layers = [layer for layer in range(max(int(cfg.min_exit_layer), 1), L)]
+        probed = set(self.probed)
+        self.lens_layers = [layer for layer in range(first_layer, L + 1) if layer in probed]
+        self.exit_layers = [layer for layer in range(max(int(cfg.min_exit_layer), first_layer), L + 1)
+                            if layer in probed]
+        self.draft_layers = [layer for layer in range(max(int(cfg.min_exit_layer), 1), L) if layer in probed]
         suite = MetricSuite({"counts": ProbeCounts()})
         if self.families & {"redundancy", "eas"}:
             suite.add("hidden", HiddenSimilarity(L, cfg.angular_n, "redundancy" in self.families))
@@ -162,7 +166,8 @@ class _Probe:
             suite.add("cka", MinibatchCKA(L + 1))
             suite.add("cka_drift", CKADrift(L + 1)).load_state_dict({"n_reps": L + 1, "previous": reference})
         if self.has_head:
-            suite.add("lens", ReadoutStats(range(L + 1), LENS_STATS + (("js_sim",) if self.want_js else ())))
+            suite.add("lens", ReadoutStats(self.probed, LENS_STATS + (("js_sim",) if self.want_js else ()),
+                                           squares=("acc", "ce")))
             self._add_token_families(suite)
         self.suite = suite
         return suite
@@ -280,7 +285,7 @@ class _Probe:
         self.suite["counts"].update(nonfinite_tokens=int((~torch.isfinite(final.lse)).sum()))
         top1 = torch.zeros(L + 1, n, dtype=torch.long, device=final.targets.device)
         scores = {rule: torch.zeros(L + 1, n, dtype=torch.float32, device=top1.device) for rule in SCORE_RULES}
-        for layer in range(self.first_layer, L + 1):
+        for layer in self.lens_layers:  # unprobed blocks get no readout at all
             stats = final.stats if layer == L else self.lens.token_stats(states[layer], layer, final, self.workspace)
             self.suite["lens"].update(layer, stats)
             top1[layer] = stats["top1"]

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ProbeConfig", "prepare_batches", "cap_tokens", "valid_positions", "METRIC_FAMILIES",
+__all__ = ["ProbeConfig", "prepare_batches", "cap_tokens", "valid_positions", "resolve_layers", "METRIC_FAMILIES",
            "EAS_SIMILARITIES", "DTYPES", "DEFAULT_THRESHOLDS"]
 
 METRIC_FAMILIES = ("lens", "saturation", "exits", "eas", "redundancy", "cka", "spec")
@@ -52,6 +52,11 @@ class ProbeConfig:
         spec_draft_lengths: draft lengths k tried by the self-speculative estimate.
         min_exit_layer: the shallowest block after which a token may exit (1: at least one block runs).
         max_tokens: cap on probe tokens (None: all).
+        layers: the blocks to read out (None: all of 0..L). A list of block indices, or a string of ``+``-joined
+            terms ``every:k`` (blocks k, 2k, …), ``last:m`` (the last m blocks) and plain indices, e.g.
+            ``"every:4+last:3"``. The final block L is always added (it is the reference). Per-layer rows, exits,
+            saturation, static exit, EAS and the speculation estimate are then defined on the probed blocks only
+            (a token can exit only at a probed block); the record says so in ``summary["layers_probed"]``.
     """
 
     metrics: tuple = METRIC_FAMILIES
@@ -69,6 +74,7 @@ class ProbeConfig:
     spec_draft_lengths: tuple = (1, 2, 3, 4, 5, 6, 7, 8)
     min_exit_layer: int = 1
     max_tokens: Optional[int] = None
+    layers: Optional[object] = None
 
     def __post_init__(self):
         self.metrics = tuple(self.metrics)
@@ -124,6 +130,8 @@ class ProbeConfig:
             raise ValueError(f"min_exit_layer must be ≥ 0, got {self.min_exit_layer}")
         if self.max_tokens is not None and int(self.max_tokens) < 1:
             raise ValueError(f"max_tokens must be a positive integer or None, got {self.max_tokens}")
+        if self.layers is not None:
+            self.layers = _parse_layers(self.layers)
 
     @classmethod
     def from_any(cls, config) -> "ProbeConfig":
@@ -149,6 +157,54 @@ class ProbeConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_LAYERS_HELP = ("layers must be None (every block), a list of block indices, or a string of '+'-joined terms "
+                "'every:k', 'last:m' and block indices, e.g. 'every:4+last:3'")
+
+
+def _parse_layers(spec):
+    """Validate a ``layers`` spec; a string stays a string (it is resolved against L), a list becomes a tuple."""
+    if isinstance(spec, str):
+        terms = [term.strip() for term in spec.split("+")]
+        for term in terms:
+            kind, _, value = term.partition(":")
+            number = value if kind in ("every", "last") else kind
+            if (kind in ("every", "last") or not value) and number.isdigit() and \
+                    (int(number) >= 1 or kind not in ("every", "last")):
+                continue
+            raise ValueError(f"{_LAYERS_HELP}; got the term {term!r} in {spec!r}")
+        return spec.replace(" ", "")
+    if not isinstance(spec, (list, tuple)) and hasattr(spec, "__iter__") and not hasattr(spec, "items"):
+        spec = list(spec)  # e.g. a Hydra ListConfig
+    if isinstance(spec, (list, tuple)) and spec and all(
+            not isinstance(v, bool) and isinstance(v, int) and v >= 0 for v in spec):
+        return tuple(sorted(set(int(v) for v in spec)))
+    raise ValueError(f"{_LAYERS_HELP}; got {spec!r}")
+
+
+def resolve_layers(spec, n_layers: int) -> list:
+    """The sorted blocks a ``layers`` spec probes in a model of ``n_layers`` blocks (always including L).
+
+    ``None`` → ``0..L``; ``every:k`` → ``k, 2k, … ≤ L``; ``last:m`` → ``L−m+1 … L``; an index ℓ → ℓ (0 ≤ ℓ ≤ L).
+    """
+    L = int(n_layers)
+    if spec is None:
+        return list(range(L + 1))
+    spec = _parse_layers(spec)
+    chosen = {L}
+    terms = spec if isinstance(spec, tuple) else spec.split("+")
+    for term in terms:
+        kind, _, value = str(term).partition(":")
+        if kind == "every":
+            chosen.update(range(int(value), L + 1, int(value)))
+        elif kind == "last":
+            chosen.update(range(max(0, L - int(value) + 1), L + 1))
+        elif int(kind) > L:
+            raise ValueError(f"layers={spec!r} names block {int(kind)} but the model has blocks 0..{L}")
+        else:
+            chosen.add(int(kind))
+    return sorted(chosen)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -20,15 +20,19 @@ def build_record(probe, suite, counts: dict) -> ProbeRecord:
     """The record of one probe from its reduced suite (``probe`` is the run's fixed setup, see ``run_probe``)."""
     cfg, L = probe.config, probe.n_layers
     first = 0 if counts["batches_without_h0"] == 0 else 1
-    exit_layers = list(range(max(int(cfg.min_exit_layer), first), L + 1))
+    probed = set(probe.probed)
+    exit_layers = [layer for layer in range(max(int(cfg.min_exit_layer), first), L + 1) if layer in probed]
     record = ProbeRecord(step=0)
     record.model = model_summary(probe.model, probe.parts)
     record.model["parts"] = probe.parts.describe()
     rows = _layer_rows(probe, suite, first)
     by_layer = {row["layer"]: row for row in rows}
     record.layers, summary = rows, {}
+    stderr = summary["stderr"] = {}  # standard errors of the means over tokens (sums of squares in the suite)
     if probe.has_head:
         summary["final_ce"], summary["final_acc"] = by_layer[L].get("ce"), by_layer[L].get("acc")
+        final = suite["lens"].stderr().get(L, {})
+        stderr["final_ce"], stderr["final_acc"] = final.get("ce"), final.get("acc")
     if "hidden" in suite:
         record.angular = _angular(suite["hidden"].compute(first)["angular"], summary)
     n_finite = _saturation(record, suite, summary, probe)
@@ -36,7 +40,8 @@ def build_record(probe, suite, counts: dict) -> ProbeRecord:
         _exit_curves(record, suite, summary, probe, exit_layers, by_layer)
     if "eas" in probe.families and (probe.has_head or cfg.eas_similarity == "hidden_cos_final"):
         key = {"js": "js_sim"}.get(cfg.eas_similarity, cfg.eas_similarity)
-        summary["eas"] = _eas([by_layer[layer].get(key) for layer in range(1, L + 1)], L, cfg.eas_alpha)
+        eas_layers = [layer for layer in range(1, L + 1) if layer in probed]
+        summary["eas"] = _eas([by_layer[layer].get(key) for layer in eas_layers], L, cfg.eas_alpha, eas_layers)
         summary["eas_similarity"], summary["eas_alpha"] = cfg.eas_similarity, cfg.eas_alpha
     if "spec" in probe.families and probe.has_head:
         _spec(suite, summary, cfg, [layer for layer in exit_layers if layer < L], by_layer, n_finite)
@@ -44,6 +49,11 @@ def build_record(probe, suite, counts: dict) -> ProbeRecord:
         _head(record, suite, summary, probe, kind, by_layer, n_finite)
     if "cka" in suite:
         _cka(record, suite, summary, first, by_layer)
+    if cfg.layers is not None:
+        summary["layers_probed"] = sorted(probed & set(by_layer))
+        summary["layers_note"] = (f"probed blocks {summary['layers_probed']} of 0..{L} (layers={cfg.layers!r}): "
+                                  "per-layer rows, exits, saturation, static exit, EAS and speculation are defined on "
+                                  "these blocks only; a token exits only at a probed block")
     record.summary = summary
     return record
 
@@ -54,7 +64,7 @@ def _layer_rows(probe, suite, first: int) -> list:
     lens = suite["lens"].compute() if "lens" in suite else {}
     hidden = suite["hidden"].compute(first)["layers"] if "hidden" in suite else {}
     rows = []
-    for layer in range(first, L + 1):
+    for layer in (layer for layer in range(first, L + 1) if layer in set(probe.probed)):
         row = {"layer": layer}
         if probe.has_head and lens:
             row.update(lens.get(layer, {}))
@@ -83,6 +93,7 @@ def _saturation(record, suite, summary: dict, probe) -> float:
     if n > 0 and "saturation" in probe.families:
         for name in ("oracle_skip_strict", "oracle_skip_lenient", "saturation_mean_strict"):
             summary[name] = finite_or_none(result[name])
+            summary["stderr"][name] = result["stderr"][name]
         record.saturation_hist, record.saturation_hist_lenient = result["hist_strict"], result["hist_lenient"]
         for row in record.layers:
             layer = row["layer"]
@@ -105,21 +116,38 @@ def _exit_curves(record, suite, summary: dict, probe, exit_layers: list, by_laye
         if curve:
             curves[f"head_{kind}"] = curve
     record.curves = curves
+    errors = {rule: suite[f"exit/{rule}"].stderr(L) for rule in ("max_prob", "margin", "entropy")
+              if f"exit/{rule}" in suite and curves.get(rule)}
     for level in cfg.consistency_levels:
-        summary[f"skip_at_consistency_{level:g}"] = {
-            rule: exits_m.best_skip_at_consistency(curve, level) for rule, curve in curves.items()}
+        best = {rule: exits_m.best_skip_at_consistency(curve, level) for rule, curve in curves.items()}
+        summary[f"skip_at_consistency_{level:g}"] = best
+        summary["stderr"][f"skip_at_consistency_{level:g}"] = {
+            rule: _point_stderr(curves[rule], errors[rule], best[rule], level) for rule in errors}
     acc = torch.tensor([by_layer[layer]["acc"] if by_layer[layer].get("acc") is not None else float("nan")
                         for layer in exit_layers])
     if torch.isfinite(acc).all():
         layer, skip = exits_m.static_exit(acc, torch.tensor(exit_layers), L, cfg.static_tolerance)
         summary["static_exit_layer"] = int(layer)
+        summary["stderr"]["static_exit_acc"] = suite["lens"].stderr().get(int(layer), {}).get("acc")
         summary[f"static_skip_{round(cfg.static_tolerance * 100):d}pct"] = finite_or_none(skip)
 
 
-def _eas(similarity: list, L: int, alpha: float):
+def _point_stderr(curve: list, errors: list, skip: float, level: float):
+    """The standard error of the skip of the curve point that ``best_skip_at_consistency`` chose (None when no point
+    qualified and the answer is the full model's skip 0)."""
+    for point, error in zip(curve, errors):
+        consistent = point["consistency"] is not None and point["consistency"] >= level - 1e-12
+        if consistent and point["skip"] is not None and max(0.0, point["skip"]) == skip:
+            return error["skip"]
+    return None
+
+
+def _eas(similarity: list, L: int, alpha: float, layers: list = None):
+    """EAS over ``layers`` (default 1..L; a probed subset gives the mean over the probed blocks)."""
     if any(value is None for value in similarity):
         return None
-    return finite_or_none(suit_m.eas(torch.tensor(similarity, dtype=torch.float64), L, alpha))
+    layers = None if layers is None else torch.tensor(layers)
+    return finite_or_none(suit_m.eas(torch.tensor(similarity, dtype=torch.float64), L, alpha, layers))
 
 
 def _spec(suite, summary: dict, cfg, draft_layers: list, by_layer: dict, n_finite: float) -> None:
@@ -151,10 +179,11 @@ def _head(record, suite, summary: dict, probe, kind: str, by_layer: dict, n_fini
     record.heads[kind] = rows
     if rows and "eas" in probe.families:
         head_corr = {row["layer"]: row.get("logit_corr") for row in rows}
-        similarity = [head_corr.get(layer, by_layer[layer].get("logit_corr")) for layer in range(1, L + 1)]
+        layers = [layer for layer in range(1, L + 1) if layer in set(probe.probed)]
+        similarity = [head_corr.get(layer, by_layer[layer].get("logit_corr")) for layer in layers]
         similarity[-1] = 1.0  # the final layer is the model itself
         if all(value is not None for value in similarity):
-            summary[f"head_{kind}_eas"] = _eas(similarity, L, probe.config.eas_alpha)
+            summary[f"head_{kind}_eas"] = _eas(similarity, L, probe.config.eas_alpha, layers)
     if f"head/{kind}/saturation" in suite and n_finite > 0:
         result = suite[f"head/{kind}/saturation"].compute()
         summary[f"head_{kind}_oracle_skip_strict"] = finite_or_none(result["oracle_skip_strict"])

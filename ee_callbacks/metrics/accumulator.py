@@ -13,7 +13,19 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Accumulator", "MetricSuite"]
+__all__ = ["Accumulator", "MetricSuite", "mean_stderr"]
+
+
+def mean_stderr(total, squares, count) -> Optional[float]:
+    """Standard error of a mean over tokens from its sums: ``sqrt((Σx²/n − (Σx/n)²)/n)`` (numpy's ``std/sqrt(n)``,
+    ddof 0); None without tokens or for a non-finite value."""
+    n = float(count)
+    if n <= 0:
+        return None
+    mean = float(total) / n
+    variance = max(float(squares) / n - mean * mean, 0.0)
+    value = (variance / n) ** 0.5
+    return value if value == value and value != float("inf") else None
 
 
 class Accumulator:

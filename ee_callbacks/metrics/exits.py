@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ee_callbacks.metrics.accumulator import Accumulator
+from ee_callbacks.metrics.accumulator import Accumulator, mean_stderr
 from ee_callbacks.metrics.saturation import check_layers, first_true_index
 
 __all__ = [
@@ -256,13 +256,23 @@ class ExitRuleStats(Accumulator):
 
     def __init__(self, n_points: int):
         super().__init__()
-        for name in ("exit_sum", "consistent_sum", "correct_sum", "count"):
+        for name in ("exit_sum", "exit_sq_sum", "consistent_sum", "correct_sum", "count"):
             self.add_state(name, torch.zeros(int(n_points)))
 
     def update(self, exit_layers: Tensor, top1: Tensor, labels: Tensor, layers: Tensor) -> None:
         """Add a chunk: exit layers (M, n), per-layer top-1 (K, n), labels (n,), candidate ``layers`` (K,)."""
         for name, value in exit_outcome_sums(exit_layers, top1, labels, layers).items():
             self._add(name, value)
+        self._add("exit_sq_sum", exit_layers.double().square().sum(-1))
+
+    def stderr(self, n_layers: int) -> list:
+        """Per point, the standard errors of ``skip`` (= 1 − e/L per token), ``consistency`` and ``acc`` (0/1 per
+        token, so their squares sum to their sums)."""
+        L = float(n_layers)
+        return [{"skip": mean_stderr(self.exit_sum[m] / L, self.exit_sq_sum[m] / L ** 2, self.count[m]),
+                 "consistency": mean_stderr(self.consistent_sum[m], self.consistent_sum[m], self.count[m]),
+                 "acc": mean_stderr(self.correct_sum[m], self.correct_sum[m], self.count[m])}
+                for m in range(self.count.numel())]
 
     def compute(self, points, n_layers: int) -> list:
         if float(self.count.sum()) == 0:

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ee_callbacks.metrics.accumulator import Accumulator
+from ee_callbacks.metrics.accumulator import Accumulator, mean_stderr
 
 __all__ = ["ReadoutStats", "ConfidenceStats", "finite_or_none"]
 
@@ -23,15 +23,19 @@ def finite_or_none(value) -> Optional[float]:
 
 
 class ReadoutStats(Accumulator):
-    """``mean_t stat_t`` per layer and statistic: states ``sums`` (layers × keys) and ``count`` (layers)."""
+    """``mean_t stat_t`` per layer and statistic: states ``sums`` (layers × keys) and ``count`` (layers); with
+    ``squares`` also ``sq_sums`` (layers × squares) of those statistics, for their standard errors."""
 
-    def __init__(self, layers, keys):
+    def __init__(self, layers, keys, squares=()):
         super().__init__()
         self.layers = [int(layer) for layer in layers]
         self.keys = tuple(keys)
+        self.squares = tuple(squares)
         self.row = {layer: row for row, layer in enumerate(self.layers)}
         self.add_state("sums", torch.zeros(len(self.layers), len(self.keys)))
         self.add_state("count", torch.zeros(len(self.layers)))
+        if self.squares:
+            self.add_state("sq_sums", torch.zeros(len(self.layers), len(self.squares)))
 
     def update(self, layer: int, token_stats: dict) -> None:
         """Add one chunk of per-token statistics ``{key: (n,)}`` of ``layer``."""
@@ -39,6 +43,8 @@ class ReadoutStats(Accumulator):
         sums = torch.stack([token_stats[key].sum(dtype=torch.float64) for key in self.keys]).cpu()
         self.sums[row] += sums
         self.count[row] += token_stats[self.keys[0]].shape[0]
+        if self.squares:
+            self.sq_sums[row] += torch.stack([token_stats[key].double().square().sum() for key in self.squares]).cpu()
 
     def compute(self) -> dict:
         """``{layer: {key: mean or None}}`` (layers without tokens are left out)."""
@@ -48,6 +54,12 @@ class ReadoutStats(Accumulator):
             if n > 0:
                 out[layer] = {key: finite_or_none(self.sums[row, col] / n) for col, key in enumerate(self.keys)}
         return out
+
+    def stderr(self) -> dict:
+        """``{layer: {key: standard error of the mean}}`` for the ``squares`` statistics."""
+        return {layer: {key: mean_stderr(self.sums[row, self.keys.index(key)], self.sq_sums[row, col], self.count[row])
+                        for col, key in enumerate(self.squares)}
+                for layer, row in self.row.items() if float(self.count[row]) > 0}
 
 
 class ConfidenceStats(Accumulator):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ee_callbacks.metrics.accumulator import Accumulator
+from ee_callbacks.metrics.accumulator import Accumulator, mean_stderr
 
 __all__ = [
     "check_layers",
@@ -117,7 +117,7 @@ class SaturationStats(Accumulator):
         super().__init__()
         self.layers = check_layers(layers)
         self.n_layers = int(n_layers)
-        for name in ("strict_sum", "lenient_sum", "count"):
+        for name in ("strict_sum", "lenient_sum", "strict_sq", "lenient_sq", "count"):
             self.add_state(name, torch.zeros(()))
         self.add_state("hist_strict", torch.zeros(self.n_layers + 1))
         self.add_state("hist_lenient", torch.zeros(self.n_layers + 1))
@@ -127,6 +127,8 @@ class SaturationStats(Accumulator):
         strict, lenient = saturation_layers(top1, self.layers)
         self._add("strict_sum", strict.double().sum())
         self._add("lenient_sum", lenient.double().sum())
+        self._add("strict_sq", strict.double().square().sum())
+        self._add("lenient_sq", lenient.double().square().sum())
         self._add("hist_strict", saturation_histogram(strict, self.n_layers).double())
         self._add("hist_lenient", saturation_histogram(lenient, self.n_layers).double())
         self._add("count", torch.tensor(float(top1.shape[1])))
@@ -142,4 +144,9 @@ class SaturationStats(Accumulator):
             "hist_strict": [int(v) for v in self.hist_strict.round().tolist()],
             "hist_lenient": [int(v) for v in self.hist_lenient.round().tolist()],
             "count": n,
+            "stderr": {  # of the means over tokens; the skips are 1 − ℓ/L, so their errors are the layers' over L
+                "oracle_skip_strict": mean_stderr(self.strict_sum / L, self.strict_sq / L ** 2, n),
+                "oracle_skip_lenient": mean_stderr(self.lenient_sum / L, self.lenient_sq / L ** 2, n),
+                "saturation_mean_strict": mean_stderr(self.strict_sum, self.strict_sq, n),
+            },
         }
