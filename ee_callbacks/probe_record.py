@@ -121,8 +121,9 @@ def _exit_curves(record, suite, summary: dict, probe, exit_layers: list, by_laye
     for level in cfg.consistency_levels:
         best = {rule: exits_m.best_skip_at_consistency(curve, level) for rule, curve in curves.items()}
         summary[f"skip_at_consistency_{level:g}"] = best
-        summary["stderr"][f"skip_at_consistency_{level:g}"] = {
-            rule: _point_stderr(curves[rule], errors[rule], best[rule], level) for rule in errors}
+        for rule in errors:
+            summary["stderr"][f"skip_at_consistency_{level:g}/{rule}"] = _point_stderr(curves[rule], errors[rule],
+                                                                                       best[rule], level)
     acc = torch.tensor([by_layer[layer]["acc"] if by_layer[layer].get("acc") is not None else float("nan")
                         for layer in exit_layers])
     if torch.isfinite(acc).all():

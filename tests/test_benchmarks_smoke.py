@@ -75,3 +75,14 @@ def test_bench_gpu_quick_runs_the_same_code_on_a_tiny_cpu_model():
     train = result["training"]
     assert len(train["runs"]["train+probe"]) == 1 and train["step_s"] > 0 and math.isfinite(train["ratio"])
     assert "| floor (strict) |" in result["markdown"]
+
+
+def test_bench_probe_knobs_quick_runs_every_variant():
+    from benchmarks import bench_probe_knobs
+
+    result = bench_probe_knobs.main(["--quick"])
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"full", "layers", "bf16", "quarter"}
+    assert rows["layers"]["blocks"] < rows["full"]["blocks"] and rows["quarter"]["tokens"] < rows["full"]["tokens"]
+    assert rows["full"]["stderr"]["oracle_skip_strict"] > 0
+    assert "| variant | config |" in result["markdown"]

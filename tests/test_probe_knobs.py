@@ -144,7 +144,7 @@ def test_standard_errors_equal_numpy_std_over_sqrt_n(subset, table):
                       L) for t in range(table.n)]
         want = _se([1 - e / L for e in exits])
         assert want > 0
-        assert stderr[f"skip_at_consistency_{level:g}"]["max_prob"] == pytest.approx(want, rel=1e-9)
+        assert stderr[f"skip_at_consistency_{level:g}/max_prob"] == pytest.approx(want, rel=1e-9)
 
 
 def test_bf16_readouts_stay_within_float32_standard_errors(model):

@@ -67,6 +67,8 @@ METRICS = (
     Metric("angular_argmin_<n>", "summary", "its argmin ℓ"),
     Metric("cka_drift_mean", "summary", "mean of cka_drift over layers"),
     Metric("probe_s", "summary", "wall time of the probe (s)"),
+    Metric("stderr/<name>", "summary", "standard error sqrt((Σx²/n − x̄²)/n) of a headline mean over tokens"),
+    Metric("layers_probed", "summary", "the blocks read out with ProbeConfig(layers=...) (summaries defined on them)"),
     Metric("skip_at_consistency_<c>/<rule>", "summary", "largest skip with consistency ≥ c, per rule"),
     Metric("head_<kind>_oracle_skip_strict", "summary", "oracle skip with the head's top-1"),
     Metric("head_<kind>_eas", "summary", "EAS with the head's logit_corr"),
