@@ -30,307 +30,32 @@ entry to each record (:mod:`ee_callbacks.speculation`).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import re
 import sys
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from .probe_data import draw_probe_set
 from .probe import ProbeConfig, run_probe
 from .records import append_record, read_records
+from .checkpoint_sources import (  # re-exported: callers import these from ee_callbacks.analyze
+    _hf_load,
+    check_all_weights_loaded,
+    Checkpoint,
+    default_device_and_dtype,
+    discover,
+    load_gguf,
+    LoadOptions,
+    parse_dtype,
+    UninitialisedWeightsError,
+)
 
-__all__ = ["Checkpoint", "LoadOptions", "UninitialisedWeightsError", "discover", "analyze", "main"]
-
-
-class UninitialisedWeightsError(ValueError):
-    """A checkpoint that would leave weights of the model at their random initialisation."""
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """How models are loaded: the dtype of their weights and whether Hugging Face remote code may run."""
-
-    dtype: torch.dtype = torch.float32
-    trust_remote_code: bool = False
-
-
-def default_device_and_dtype() -> tuple[str, torch.dtype]:
-    """``("cuda", bfloat16)`` when a CUDA GPU is available (float16 where it lacks bfloat16), else ``("cpu", float32)``."""
-    if torch.cuda.is_available():
-        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return "cpu", torch.float32
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """A torch dtype from its name (``float32``, ``bfloat16``/``bf16``, ``float16``/``fp16``, ``float64``)."""
-    try:
-        return _DTYPES[str(name).lower()]
-    except KeyError:
-        raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
-
-
-def check_all_weights_loaded(model: torch.nn.Module, missing: list, unexpected: list, source: str) -> None:
-    """Raise :class:`UninitialisedWeightsError` unless every weight of ``model`` came from the checkpoint.
-
-    A missing key is accepted only when the parameter it names shares its storage with a loaded one (a tied
-    unembedding, e.g. ``lm_head.weight`` tied to the input embedding after ``tie_weights()``). Unexpected keys mean
-    the file belongs to another architecture and fail as well.
-    """
-    params = dict(model.named_parameters(remove_duplicate=False))
-    missing_set = set(missing)
-    loaded = {id(p) for name, p in params.items() if name not in missing_set}
-    # only parameters count: buffers the model recomputes itself (rotary inv_freq, causal masks) are not weights
-    really_missing = [name for name in missing if name in params and id(params[name]) not in loaded]
-    if really_missing or unexpected:
-        raise UninitialisedWeightsError(
-            f"{source}: loading would leave {len(really_missing)} weight(s) uninitialised "
-            f"{really_missing[:6]}{' ...' if len(really_missing) > 6 else ''}"
-            + (f" and ignore {len(unexpected)} unexpected key(s) {list(unexpected)[:6]}" if unexpected else "")
-            + "; refusing to probe random weights (is this checkpoint from another architecture or version?)")
-
-
-@dataclass
-class Checkpoint:
-    """One model to probe: how to load it, its step and the key under which it is recorded."""
-
-    key: str
-    step: int
-    load: Callable[[], tuple]  # -> (model, tokenizer or None)
-    series: str = ""
-    probe_source: Optional[Callable[[], torch.Tensor]] = None
-    probe_defaults: dict = field(default_factory=dict)
-    name: Optional[str] = None  # the model's name in records and reports
-
-
-def _step_from_name(name: str) -> int:
-    """Integer step from a checkpoint or revision name: 'step=000200', 'step_000200', 'checkpoint-1000', 'step1000'."""
-    for pattern in (r"step[=_-]?(\d+)", r"checkpoint[-_](\d+)", r"(\d+)"):
-        found = re.findall(pattern, name)
-        if found:
-            return int(found[-1])
-    return 0
-
-
-def _cache_dir() -> Path:
-    return Path(os.path.expanduser(os.environ.get("EE_CACHE_DIR", "~/.cache/ee_callbacks")))
-
-
-# ------------------------------------------------------------------------------------------------------------ loaders
-
-
-def _run_config(run_dir: Path) -> Optional[dict]:
-    """The run's resolved ``config.yaml`` (plain YAML: read without Hydra), else Hydra's ``.hydra/config.yaml``."""
-    if (run_dir / "config.yaml").exists():
-        import yaml
-
-        return yaml.safe_load((run_dir / "config.yaml").read_text())
-    candidate = run_dir / ".hydra" / "config.yaml"
-    if candidate.exists():
-        try:
-            from omegaconf import OmegaConf
-        except ImportError as err:
-            raise ImportError(f"{candidate} needs omegaconf to read: pip install 'ee_callbacks[train]'") from err
-        cfg = OmegaConf.load(candidate)
-        try:
-            return OmegaConf.to_container(cfg, resolve=True)
-        except Exception:
-            return OmegaConf.to_container(cfg, resolve=False)
-    return None
-
-
-def _load_lightning_ckpt(path: Path, run_cfg: Optional[dict], options: LoadOptions = LoadOptions()):
-    """Rebuild the zoo model of a train.py checkpoint and load its weights (every weight, or an error)."""
-    from .training.zoo import build_model
-
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
-    hparams = ckpt.get("hyper_parameters") or {}
-    model_cfg = hparams.get("model") or (run_cfg or {}).get("model")
-    vocab = hparams.get("vocab_size")
-    if model_cfg is None or vocab is None:
-        raise ValueError(f"{path} holds no model config / vocab_size in its hyper_parameters: not a train.py checkpoint")
-    model = build_model(model_cfg, vocab)
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()  # a tied unembedding is stored once; it must really be tied to count as loaded
-    check_all_weights_loaded(model, list(missing), list(unexpected), str(path))
-    model.to(dtype=options.dtype).eval()
-    return model, _run_tokenizer(path), int(ckpt.get("global_step", _step_from_name(path.name)))
-
-
-def _run_tokenizer(ckpt_path: Path):
-    """The run's saved Hugging Face tokenizer (``<run dir>/tokenizer``, written by ``train``), else ``None``."""
-    for run_dir in (ckpt_path.parent.parent, ckpt_path.parent):
-        if (run_dir / "tokenizer" / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
-    return None
-
-
-def _hf_load(path_or_id: str, revision: Optional[str] = None, gguf_file: Optional[str] = None,
-             options: LoadOptions = LoadOptions()):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {}
-    if revision:
-        kwargs["revision"] = revision
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    if options.trust_remote_code:
-        kwargs["trust_remote_code"] = True
-    model, info = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=options.dtype, output_loading_info=True,
-                                                       **kwargs)
-    check_all_weights_loaded(model, list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or []),
-                             path_or_id if not revision else f"{path_or_id}@{revision}")
-    mismatched = info.get("mismatched_keys") or []
-    if mismatched:
-        raise UninitialisedWeightsError(f"{path_or_id}: {len(mismatched)} weight(s) have another shape in the file "
-                                        f"and were re-initialised: {[m[0] if isinstance(m, (tuple, list)) else m for m in mismatched][:6]}")
-    try:
-        tok = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
-    except Exception:
-        tok = None
-    return model.eval(), tok
-
-
-def load_gguf(path: Path, options: LoadOptions = LoadOptions()):
-    """A GGUF causal LM as a transformers model in ``options.dtype``; dequantised once and cached as float32
-    safetensors. Fails if the dequantised weights leave any weight of the model uninitialised."""
-    try:
-        import gguf  # noqa: F401
-    except ImportError as err:
-        raise ImportError("reading GGUF files needs `pip install gguf accelerate`") from err
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    digest = hashlib.sha1(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = _cache_dir() / "gguf" / f"{path.stem}-{digest}"
-    if (cache / "config.json").exists():
-        model, info = AutoModelForCausalLM.from_pretrained(str(cache), dtype=options.dtype, output_loading_info=True)
-        check_all_weights_loaded(model, list(info.get("missing_keys") or []),
-                                 list(info.get("unexpected_keys") or []), str(cache))
-        tok = AutoTokenizer.from_pretrained(str(cache))
-        return model.eval(), tok
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")  # weights are dequantised: store them as plain float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    model.tie_weights()
-    check_all_weights_loaded(model, list(missing), list(unexpected), str(path))
-    cache.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(cache))
-    tok.save_pretrained(str(cache))
-    return model.to(dtype=options.dtype).eval(), tok
-
-
-def _hub_offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def discover(sources: list, revisions: Optional[list] = None, options: LoadOptions = LoadOptions()) -> list:
-    """Expand SOURCE arguments into :class:`Checkpoint` entries, ordered by step within each source; their models
-    load as ``options`` says."""
-    found: list = []
-    for source in sources:
-        path = Path(os.path.expanduser(str(source)))
-        if path.is_dir() and ((path / "checkpoints").is_dir() or list(path.glob("*.ckpt"))):
-            ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-            run_cfg = _run_config(path)
-            ckpts = sorted(p for p in ckpt_dir.glob("*.ckpt") if p.name != "last.ckpt")
-            if not ckpts:
-                ckpts = sorted(ckpt_dir.glob("*.ckpt"))
-            entries = []
-            for ck in ckpts:
-                entries.append(_lightning_entry(ck, run_cfg, series=str(path), options=options))
-            found.extend(sorted(entries, key=lambda e: e.step))
-        elif path.is_file() and path.suffix == ".ckpt":
-            run_cfg = _run_config(path.parent.parent) or _run_config(path.parent)
-            found.append(_lightning_entry(path, run_cfg, series=str(path.parent), options=options))
-        elif path.is_file() and path.suffix == ".gguf":
-            found.append(Checkpoint(key=str(path.resolve()), step=0, series=str(path), name=path.stem,
-                                    load=lambda p=path: load_gguf(p, options)))
-        elif path.is_dir() and (path / "config.json").exists():
-            found.append(Checkpoint(key=str(path.resolve()), step=_hf_dir_step(path), series=str(path.parent),
-                                    name=path.name, load=lambda p=path: _hf_load(str(p), options=options)))
-        elif path.is_dir():
-            subs = sorted((p for p in path.iterdir() if (p / "config.json").exists()), key=lambda p: _hf_dir_step(p))
-            if not subs:
-                raise FileNotFoundError(f"{path}: no checkpoints/*.ckpt, config.json or model sub-directories found")
-            for sub in subs:
-                found.append(Checkpoint(key=str(sub.resolve()), step=_hf_dir_step(sub), series=str(path),
-                                        name=path.name, load=lambda p=sub: _hf_load(str(p), options=options)))
-        elif not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
-            if _hub_offline():
-                raise RuntimeError(
-                    f"{source!r} looks like a Hugging Face hub id, but the hub is offline (HF_HUB_OFFLINE=1): "
-                    "download the revisions elsewhere and pass their local directories, or unset HF_HUB_OFFLINE"
-                )
-            revs = revisions or ["main"]
-            for rev in revs:
-                found.append(Checkpoint(key=f"{source}@{rev}", step=_step_from_name(rev) if rev != "main" else 0,
-                                        series=str(source), name=str(source),
-                                        load=lambda s=str(source), r=rev: _hf_load(s, r, options=options)))
-        else:
-            raise FileNotFoundError(
-                f"{source}: not a run directory, .ckpt, GGUF file, Hugging Face model directory or hub id"
-            )
-    return found
-
-
-def _hf_dir_step(path: Path) -> int:
-    state = path / "trainer_state.json"
-    if state.exists():
-        try:
-            return int(json.loads(state.read_text()).get("global_step", 0))
-        except (ValueError, OSError):
-            pass
-    return _step_from_name(path.name)
-
-
-def _lightning_entry(ck: Path, run_cfg: Optional[dict], series: str, options: LoadOptions = LoadOptions()) -> Checkpoint:
-    def load(p=ck, cfg=run_cfg):
-        model, tok, _ = _load_lightning_ckpt(p, cfg, options)
-        return model, tok
-
-    step = _step_from_name(ck.stem) if ck.name != "last.ckpt" else _ckpt_global_step(ck)
-    probe_src, defaults = None, {}
-    if run_cfg is not None and run_cfg.get("data") and run_cfg.get("tokenizer"):
-        def probe_src(cfg=run_cfg):  # noqa: F811
-            from .training.corpus import validation_blocks
-
-            return validation_blocks(cfg["data"], cfg["tokenizer"])
-
-        ee = ((run_cfg.get("callbacks") or {}).get("ee_probe") or {})
-        defaults = {k: ee[k] for k in ("probe_sequences", "seq_len", "seed", "batch_size") if ee.get(k) is not None}
-        if ee.get("config"):
-            defaults["config"] = ee["config"]
-    name = ((run_cfg or {}).get("model") or {}).get("name")
-    return Checkpoint(key=str(ck.resolve()), step=step, load=load, series=series, probe_source=probe_src,
-                      probe_defaults=defaults, name=name)
-
-
-def _ckpt_global_step(path: Path) -> int:
-    try:
-        return int(torch.load(str(path), map_location="cpu", weights_only=False).get("global_step", 0))
-    except Exception:
-        return _step_from_name(path.name)
-
-
-# ------------------------------------------------------------------------------------------------------------ probe data
+__all__ = ["Checkpoint", "LoadOptions", "ProbeSetOptions", "UninitialisedWeightsError", "discover", "analyze", "main"]
 
 
 def text_probe_tokens(text: str, tokenizer, seq_len: int, max_rows: int) -> torch.Tensor:
@@ -364,17 +89,51 @@ def default_probe_text() -> str:
 # ------------------------------------------------------------------------------------------------------------ main loop
 
 
+@dataclass
+class ProbeSetOptions:
+    """The probe set ``ee-analyze`` draws for each checkpoint; None takes the run's own setting (a ``train.py`` run
+    directory) or the default: 32 sequences of 128 tokens of the fortunes text, seed 0, batches of 8.
+
+    ``probe_text``: a text file to cut the probe set from instead; ``config``: :class:`ProbeConfig` overrides."""
+
+    probe_text: Optional[str] = None
+    probe_sequences: Optional[int] = None
+    seq_len: Optional[int] = None
+    seed: Optional[int] = None
+    batch_size: Optional[int] = None
+    config: Optional[dict] = None
+
+    @classmethod
+    def from_any(cls, value) -> "ProbeSetOptions":
+        """``value`` as options: None (defaults), a :class:`ProbeSetOptions`, or a mapping of its fields."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"probe= takes a ProbeSetOptions or a mapping, got {type(value).__name__}")
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown probe set option(s) {unknown}; allowed: {', '.join(allowed)}")
+        return cls(**value)
+
+    def resolve(self, defaults: Mapping) -> tuple[int, int, int, int, ProbeConfig]:
+        """(sequences, seq_len, seed, batch_size, probe config), each from these options, else the checkpoint's
+        ``defaults`` (its run's probe settings), else the built-in default."""
+        return (self.probe_sequences or defaults.get("probe_sequences", 32),
+                self.seq_len or defaults.get("seq_len") or 128,
+                self.seed if self.seed is not None else defaults.get("seed", 0),
+                self.batch_size or defaults.get("batch_size", 8),
+                ProbeConfig.from_any({**(defaults.get("config") or {}), **(self.config or {})}))
+
+
 def analyze(
     sources: list,
     out: str,
     *,
     revisions: Optional[list] = None,
-    probe_text: Optional[str] = None,
-    probe_sequences: Optional[int] = None,
-    seq_len: Optional[int] = None,
-    seed: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    config: Optional[dict] = None,
+    probe: "ProbeSetOptions | Mapping | None" = None,
     heads: Optional[str] = None,
     heads_any_checkpoint: bool = False,
     logger: str = "csv",
@@ -385,12 +144,13 @@ def analyze(
     trust_remote_code: bool = False,
 ) -> dict:
     """Probe every checkpoint of ``sources`` into ``out/ee_probes.jsonl`` on ``device`` in ``dtype`` (defaults:
-    :func:`default_device_and_dtype`).
+    :func:`default_device_and_dtype`), on the probe set ``probe`` describes (:class:`ProbeSetOptions`).
 
     Returns ``{"analysed": [keys], "skipped": [keys already recorded], "failed": [keys], "errors": {key: reason}}``.
     ``speculate``: when given (a dict of :func:`ee_callbacks.speculation.speculate` options: ``prompts``,
     ``prompt_tokens``, ``max_new_tokens``, ``pairs``), each record also gets a measured ``speculation`` entry.
     """
+    probe = ProbeSetOptions.from_any(probe)
     default_device, default_dtype = default_device_and_dtype()
     device = torch.device(device or default_device)
     options = LoadOptions(dtype=dtype or (default_dtype if device.type == "cuda" else torch.float32),
@@ -404,8 +164,7 @@ def analyze(
     entries = discover(sources, revisions, options)
     loggers = _make_loggers(logger, out_dir)
     result: dict = {"analysed": [], "skipped": [], "failed": [], "errors": {}}
-    previous: dict = {}
-    probe_cache: dict = {}
+    state = {"previous": {}, "probe_cache": {}}
     bar = _progress(entries, progress)
     for entry in bar:
         if (entry.key, "default") in done:
@@ -416,53 +175,11 @@ def analyze(
             model, tok = entry.load()
             model.to(device)
         except Exception as err:
-            msg = f"{entry.key}: could not be loaded ({type(err).__name__}: {err}); skipped"
-            warnings.warn(msg, RuntimeWarning)
-            print(f"[ee-analyze] {msg}", file=sys.stderr)
-            result["failed"].append(entry.key)
-            result["errors"][entry.key] = f"load: {type(err).__name__}: {err}"
+            _failed(result, entry.key, "load", "could not be loaded", err)
             continue
         try:
-            defaults = dict(entry.probe_defaults)
-            n_seq = probe_sequences or defaults.get("probe_sequences", 32)
-            length = seq_len or defaults.get("seq_len") or 128
-            the_seed = seed if seed is not None else defaults.get("seed", 0)
-            bsz = batch_size or defaults.get("batch_size", 8)
-            cfg = ProbeConfig.from_any({**(defaults.get("config") or {}), **(config or {})})
-            cache_key = (entry.series if entry.probe_source and not probe_text else "text", n_seq, length, the_seed)
-            if cache_key not in probe_cache:
-                if entry.probe_source is not None and not probe_text:
-                    source = entry.probe_source()
-                else:
-                    text = Path(probe_text).read_text(errors="replace") if probe_text else default_probe_text()
-                    source = text_probe_tokens(text, tok, length, 4 * n_seq)
-                probe_cache[cache_key] = draw_probe_set(source, n_seq, length, the_seed, bsz)
-            batches = probe_cache[cache_key]
-            readouts = None
-            if heads:
-                from .readouts import ExitHeadsMismatchError, load_exit_heads
-
-                try:
-                    readouts = load_exit_heads(heads, model, check_fingerprint=not heads_any_checkpoint)
-                except ExitHeadsMismatchError as err:
-                    warnings.warn(f"{entry.key}: exit heads not evaluated ({err}); pass --heads-any-checkpoint to "
-                                  "evaluate them on checkpoints other than the one they were trained against",
-                                  RuntimeWarning)
-            from .model_parts import prove_on_probe_set
-
-            parts = prove_on_probe_set(model, batches)  # the readout reproduces this checkpoint's own logits
-            record = run_probe(
-                model, batches, config=cfg, parts=parts, step=entry.step, source="checkpoint", checkpoint=entry.key,
-                data_name=probe_text or ("run probe set" if entry.probe_source else "fortunes"), seed=the_seed,
-                readouts=readouts, previous=previous.get(entry.series),
-            )
-            previous[entry.series] = record.state
-            if speculate is not None:
-                record.extra["speculation"] = _measure_speculation(model, record, batches, speculate)
-            if entry.name:
-                record.model["name"] = entry.name
-            record.run = {"name": record.model.get("name"), "experiment": Path(entry.series).name}
-            data = append_record(jsonl, record)
+            data = _probe_checkpoint(entry, model, tok, probe, state, jsonl, heads=heads,
+                                     heads_any_checkpoint=heads_any_checkpoint, speculate=speculate)
             from .sinks.loggers import flatten_record_metrics, log_to_loggers
 
             log_to_loggers(loggers, flatten_record_metrics(data, "ee"), step=entry.step)
@@ -471,11 +188,7 @@ def analyze(
                 eas = data["summary"].get("eas")
                 bar.set_postfix(step=entry.step, eas=None if eas is None else round(eas, 3))
         except Exception as err:
-            msg = f"{entry.key}: probe failed ({type(err).__name__}: {err}); skipped"
-            warnings.warn(msg, RuntimeWarning)
-            print(f"[ee-analyze] {msg}", file=sys.stderr)
-            result["failed"].append(entry.key)
-            result["errors"][entry.key] = f"probe: {type(err).__name__}: {err}"
+            _failed(result, entry.key, "probe", "probe failed", err)
         finally:
             del model
     for lg in loggers:
@@ -484,6 +197,56 @@ def analyze(
         except Exception:
             pass
     return result
+
+
+def _failed(result: dict, key: str, stage: str, what: str, err: Exception) -> None:
+    msg = f"{key}: {what} ({type(err).__name__}: {err}); skipped"
+    warnings.warn(msg, RuntimeWarning)
+    print(f"[ee-analyze] {msg}", file=sys.stderr)
+    result["failed"].append(key)
+    result["errors"][key] = f"{stage}: {type(err).__name__}: {err}"
+
+
+def _probe_checkpoint(entry: Checkpoint, model, tok, probe: ProbeSetOptions, state: dict, jsonl: Path, *,
+                      heads: Optional[str], heads_any_checkpoint: bool, speculate: Optional[dict]) -> dict:
+    """Probe one loaded checkpoint and append its record to ``jsonl`` (returned as written). ``state`` carries the
+    drawn probe sets and each series' previous record across checkpoints."""
+    n_seq, length, the_seed, bsz, cfg = probe.resolve(dict(entry.probe_defaults))
+    probe_text = probe.probe_text
+    cache_key = (entry.series if entry.probe_source and not probe_text else "text", n_seq, length, the_seed)
+    if cache_key not in state["probe_cache"]:
+        if entry.probe_source is not None and not probe_text:
+            source = entry.probe_source()
+        else:
+            text = Path(probe_text).read_text(errors="replace") if probe_text else default_probe_text()
+            source = text_probe_tokens(text, tok, length, 4 * n_seq)
+        state["probe_cache"][cache_key] = draw_probe_set(source, n_seq, length, the_seed, bsz)
+    batches = state["probe_cache"][cache_key]
+    readouts = None
+    if heads:
+        from .readouts import ExitHeadsMismatchError, load_exit_heads
+
+        try:
+            readouts = load_exit_heads(heads, model, check_fingerprint=not heads_any_checkpoint)
+        except ExitHeadsMismatchError as err:
+            warnings.warn(f"{entry.key}: exit heads not evaluated ({err}); pass --heads-any-checkpoint to "
+                          "evaluate them on checkpoints other than the one they were trained against",
+                          RuntimeWarning)
+    from .model_parts import prove_on_probe_set
+
+    parts = prove_on_probe_set(model, batches)  # the readout reproduces this checkpoint's own logits
+    record = run_probe(
+        model, batches, config=cfg, parts=parts, step=entry.step, source="checkpoint", checkpoint=entry.key,
+        data_name=probe_text or ("run probe set" if entry.probe_source else "fortunes"), seed=the_seed,
+        readouts=readouts, previous=state["previous"].get(entry.series),
+    )
+    state["previous"][entry.series] = record.state
+    if speculate is not None:
+        record.extra["speculation"] = _measure_speculation(model, record, batches, speculate)
+    if entry.name:
+        record.model["name"] = entry.name
+    record.run = {"name": record.model.get("name"), "experiment": Path(entry.series).name}
+    return append_record(jsonl, record)
 
 
 def _measure_speculation(model, record, batches, options: dict) -> dict:
@@ -594,8 +357,10 @@ def main(argv: Optional[list] = None) -> int:
         result = analyze(
             args.sources, args.out,
             revisions=args.revisions.split(",") if args.revisions else None,
-            probe_text=args.probe_text, probe_sequences=args.probe_sequences, seq_len=args.seq_len, seed=args.seed,
-            batch_size=args.batch_size, config=_parse_overrides(args.config), heads=args.heads,
+            probe=ProbeSetOptions(probe_text=args.probe_text, probe_sequences=args.probe_sequences,
+                                  seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
+                                  config=_parse_overrides(args.config)),
+            heads=args.heads,
             heads_any_checkpoint=args.heads_any_checkpoint, logger=args.logger,
             progress=not args.no_progress,
             speculate=_speculate_options(args) if args.speculate else None, device=args.device,

@@ -37,7 +37,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train, val = loaders()
-    heads = ExitHeads(kinds=["tuned_lens", "confidence"], max_tokens=64, lr=1e-2)
+    heads = ExitHeads(kinds=["tuned_lens", "confidence"], max_tokens=64, optim={"lr": 1e-2})
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy="ddp", max_steps=6,
                         callbacks=[heads, SaveHeads(heads, out)], logger=False, default_root_dir=str(out),
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -117,7 +118,7 @@ class GradChecker(L.Callback):
 
 def test_no_gradient_flows_between_heads_and_model_in_training(tmp_path):
     train, _ = loaders()
-    heads = ExitHeads(every_n_steps=1, kinds=ALL_KINDS, lr=1e-2)
+    heads = ExitHeads(every_n_steps=1, kinds=ALL_KINDS, optim={"lr": 1e-2})
     checker = GradChecker(heads)
     trainer = _trainer(tmp_path, [heads, checker], max_steps=4)
     trainer.fit(TinyLM(kind="llama", dropout=0.0), train)
@@ -144,7 +145,7 @@ def _fit_losses(root, with_heads, steps=24):
     rec = LossRecorder()
     callbacks = [rec]
     if with_heads:
-        callbacks += [ExitHeads(every_n_steps=1, kinds=ALL_KINDS, lr=1e-2, max_tokens=64),
+        callbacks += [ExitHeads(every_n_steps=1, kinds=ALL_KINDS, optim={"lr": 1e-2}, max_tokens=64),
                       EarlyExitProbe(every_n_steps=10, probe_data=PROBE, print_table=False)]
     module = TinyLM(dropout=0.1)
     _trainer(root, callbacks, steps).fit(module, train, val)
@@ -167,7 +168,7 @@ def test_training_is_bit_identical_with_and_without_heads(tmp_path):
 
 def test_gradient_accumulation_steps_heads_once_per_optimizer_step(tmp_path):
     train, _ = loaders(n=72)  # 9 batches: three full accumulation windows
-    heads = ExitHeads(every_n_steps=1, kinds=["tuned_lens"], lr=1e-2)
+    heads = ExitHeads(every_n_steps=1, kinds=["tuned_lens"], optim={"lr": 1e-2})
     seen = []
 
     class Count(L.Callback):
@@ -230,7 +231,7 @@ class PlainModule(L.LightningModule):
 def test_activation_checkpointing_recomputation_is_ignored(tmp_path):
     def run(checkpointing, root):
         train = DataLoader(TensorDataset(pattern_tokens(24, 24, 64, 0)), batch_size=8)
-        heads = ExitHeads(every_n_steps=1, kinds=["tuned_lens", "confidence"], lr=1e-2, max_tokens=64)
+        heads = ExitHeads(every_n_steps=1, kinds=["tuned_lens", "confidence"], optim={"lr": 1e-2}, max_tokens=64)
         module = PlainModule(checkpointing)
         calls = []
         module.model.blocks[1].register_forward_hook(lambda *args: calls.append(torch.is_grad_enabled()))
@@ -255,7 +256,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     L.seed_everything(0)
     train, _ = loaders()
-    heads = ExitHeads(every_n_steps=1, kinds=ALL_KINDS, lr=1e-2, max_tokens=128, log_every_n_steps=20, save_dir=root / "heads")
+    heads = ExitHeads(every_n_steps=1, kinds=ALL_KINDS, optim={"lr": 1e-2}, max_tokens=128, log_every_n_steps=20, save_dir=root / "heads")
     probe = EarlyExitProbe(every_n_steps=1000, probe_data=PROBE, print_table=False, probe_at_start=False,
                            output_path=root / "ee_probes.jsonl")
     logger = CSVLogger(str(root), name="csv")
@@ -372,8 +373,8 @@ def _resume_loader():
 
 
 def _resume_heads():
-    return ExitHeads(every_n_steps=1, kinds=ALL_KINDS, lr=1e-2, max_tokens=64, schedule="cosine", warmup_steps=2, total_steps=12,
-                     min_lr_ratio=0.1)
+    return ExitHeads(every_n_steps=1, kinds=ALL_KINDS, max_tokens=64,
+                     optim={"lr": 1e-2, "schedule": "cosine", "warmup_steps": 2, "total_steps": 12, "min_lr_ratio": 0.1})
 
 
 def _epoch_trainer(root, callbacks, epochs):
@@ -413,7 +414,7 @@ def test_resume_gives_bit_identical_heads(tmp_path):
 
 def test_state_restores_before_and_after_the_heads_are_built():
     model = tiny_gpt2(dropout=0.0)
-    source = ExitHeads(kinds=["tuned_lens", "mlp"], lr=1e-2)
+    source = ExitHeads(kinds=["tuned_lens", "mlp"], optim={"lr": 1e-2})
     source.build(model)
     with torch.no_grad():
         for p in source.heads.parameters():
@@ -421,18 +422,18 @@ def test_state_restores_before_and_after_the_heads_are_built():
     source.head_steps = 7
     state = source.state_dict()
 
-    before = ExitHeads(kinds=["tuned_lens", "mlp"], lr=1e-2)
+    before = ExitHeads(kinds=["tuned_lens", "mlp"], optim={"lr": 1e-2})
     before.load_state_dict(state)  # DDP/single device: restored before on_fit_start builds the heads
     assert before.heads is None and before.state_dict() == state  # a pending state survives a re-save
     before.build(model)
-    after = ExitHeads(kinds=["tuned_lens", "mlp"], lr=1e-2)
+    after = ExitHeads(kinds=["tuned_lens", "mlp"], optim={"lr": 1e-2})
     after.build(model)
     after.load_state_dict(state)  # FSDP/DeepSpeed: restored after the heads exist
     for got in (before, after):
         assert got.head_steps == 7
         for key, value in source.heads.state_dict().items():
             assert torch.equal(got.heads.state_dict()[key], value), key
-    wrong = ExitHeads(kinds=["tuned_lens"], lr=1e-2)
+    wrong = ExitHeads(kinds=["tuned_lens"], optim={"lr": 1e-2})
     wrong.build(model)
     with pytest.raises(ValueError, match="kinds"):
         wrong.load_state_dict(state)
@@ -446,13 +447,33 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="max_tokens"):
         ExitHeads(max_tokens=0)
     with pytest.raises(ValueError, match="schedule"):
-        ExitHeads(schedule="step")
+        ExitHeads(optim={"schedule": "step"})
     with pytest.raises(ValueError, match="layers"):
         ExitHeads(layers=[4]).build(tiny_gpt2(dropout=0.0))
     with pytest.raises(ValueError, match="every_n_steps"):
         ExitHeads(every_n_steps=0)
     with pytest.raises(ValueError, match="stack_elements"):
         ExitHeads(stack_elements=0)
+    allowed = "optimizer, lr, weight_decay, betas, schedule, warmup_steps, total_steps, min_lr_ratio, grad_clip"
+    with pytest.raises(ValueError, match=re.escape(f"unknown optim key(s) ['learning_rate']; allowed: {allowed}")):
+        ExitHeads(optim={"learning_rate": 1e-2})
+    with pytest.raises(TypeError, match="optim must be a mapping"):
+        ExitHeads(optim=1e-2)
+    with pytest.raises(ValueError, match="optim.lr"):
+        ExitHeads(optim={"lr": 0})
+
+
+def test_optim_settings_group_the_heads_optimiser():
+    from ee_callbacks.heads_optim import OptimSettings
+
+    partial = ExitHeads(optim={"lr": 2e-2, "betas": [0.8, 0.9]}).optim  # the other keys keep their defaults
+    assert partial == OptimSettings(lr=2e-2, betas=(0.8, 0.9)) and partial.optimizer == "adam"
+    heads = ExitHeads(kinds=["tuned_lens"], optim=OptimSettings(optimizer="sgd", lr=0.5, weight_decay=0.1, grad_clip=2))
+    heads.build(tiny_gpt2(dropout=0.0))
+    opt = heads._optimizer
+    assert isinstance(opt, torch.optim.SGD) and heads._scheduler is None and heads.optim.grad_clip == 2.0
+    assert opt.defaults["lr"] == 0.5 and opt.defaults["momentum"] == 0.9 and opt.defaults["nesterov"]
+    assert opt.defaults["weight_decay"] == 0.1
 
 
 # ------------------------------------------------------------------------------------------------ cost knobs
@@ -460,7 +481,7 @@ def test_bad_arguments_are_rejected():
 
 def test_every_n_steps_trains_the_heads_on_those_steps_only(tmp_path):
     train, _ = loaders()
-    heads = ExitHeads(kinds=["tuned_lens", "confidence"], lr=1e-2, every_n_steps=3, max_tokens=32,
+    heads = ExitHeads(kinds=["tuned_lens", "confidence"], optim={"lr": 1e-2}, every_n_steps=3, max_tokens=32,
                       log_every_n_steps=4)
     seen = []
 

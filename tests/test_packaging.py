@@ -144,8 +144,8 @@ def test_callback_configs_drop_into_another_hydra_project(tmp_path):
     assert isinstance(probe, EarlyExitProbe) and probe.every_n_steps == 25 and probe.output_path is None
     assert isinstance(heads, ExitHeads)
     # with the schemas registered (register_configs()), the same files are type-checked there too
-    typed = _compose_dir(conf, ["callbacks.exit_heads.lr=0.01"])
-    assert typed.callbacks.exit_heads.lr == 0.01 and "extra" in typed.callbacks.exit_heads
+    typed = _compose_dir(conf, ["callbacks.exit_heads.optim.lr=0.01"])
+    assert typed.callbacks.exit_heads.optim.lr == 0.01 and "extra" in typed.callbacks.exit_heads
     with pytest.raises(ConfigCompositionException, match="every_n_steps"):
         _compose_dir(conf, ["callbacks.ee_probe.every_n_steps=abc"])
 
@@ -162,7 +162,16 @@ def test_callback_and_logger_groups_are_typed_at_compose_time():
             compose_config([override])
         assert key in f"{error.value} {error.value.__cause__}"
     with pytest.raises(ConfigCompositionException, match="lr"):
-        compose_config(["callbacks=[default,exit_heads]", "callbacks.exit_heads.lr=fast"])
+        compose_config(["callbacks=[default,exit_heads]", "callbacks.exit_heads.optim.lr=fast"])
+    with pytest.raises(ConfigCompositionException, match="learning_rate"):
+        compose_config(["callbacks=[default,exit_heads]", "callbacks.exit_heads.optim.learning_rate=0.1"])
+    # the grouped optim= argument composes as a typed node and reaches ExitHeads as its settings
+    from hydra.utils import instantiate
+
+    cfg = compose_config(["callbacks=[default,exit_heads]", "callbacks.exit_heads.optim.lr=0.02",
+                          "callbacks.exit_heads.optim.schedule=cosine"])
+    heads = instantiate(instantiation_kwargs(cfg.callbacks.exit_heads))
+    assert (heads.optim.lr, heads.optim.schedule, heads.optim.betas) == (0.02, "cosine", (0.9, 0.999))
     with pytest.raises(ConfigCompositionException, match="flush_logs_every_n_steps"):
         compose_config(["logger=csv", "logger.csv.flush_logs_every_n_steps=often"])
     # keywords a schema does not list travel under `extra` (the target's **kwargs)

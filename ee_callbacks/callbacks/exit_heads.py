@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from ..cadence import CostMeter
 from ..capture import first_tensor
 from ..distributed import probe_forward_target, readout_context_factory
+from ..heads_optim import OptimSettings
 from ..model_parts import ModelPartsError, find_language_model, find_model_parts, prove_model_parts
 from ..readouts import (
     HEAD_KINDS,
@@ -31,8 +31,6 @@ __all__ = ["ExitHeads", "load_exit_heads"]
 
 log = logging.getLogger("ee_callbacks")
 
-_OPTIMIZERS = ("adam", "adamw", "sgd")
-_SCHEDULES = ("constant", "cosine", "linear")
 
 
 class ExitHeads(Callback):
@@ -87,11 +85,13 @@ class ExitHeads(Callback):
         stack_elements: the most readout-logit elements (layers × tokens × V) one stacked matmul may produce.
         objective: ``kl`` (KL(p_L ‖ p_head), the tuned-lens objective) or ``ce`` (next-token cross-entropy) for the
             logits kinds.
-        optimizer: ``adam``, ``adamw`` or ``sgd`` (momentum 0.9, Nesterov).
-        lr, weight_decay, betas: optimizer settings.
-        schedule: None/``constant``, ``cosine`` or ``linear`` decay to ``min_lr_ratio`` over ``total_steps``
-            (default: the trainer's estimated optimizer steps), after ``warmup_steps`` of linear warm-up.
-        grad_clip: clip the heads' gradient norm (per kind) to this value; None for no clipping.
+        optim: the heads' optimiser settings, an :class:`~ee_callbacks.heads_optim.OptimSettings` or a mapping of
+            some of its keys (the rest keep their defaults): ``optimizer`` (``adam``, ``adamw`` or ``sgd``: momentum
+            0.9, Nesterov; default ``adam``), ``lr`` (1e-3), ``weight_decay`` (0), ``betas`` ((0.9, 0.999)),
+            ``schedule`` (None/``constant``, ``cosine`` or ``linear`` decay to ``min_lr_ratio`` (0) over
+            ``total_steps``, default the trainer's estimated optimizer steps, after ``warmup_steps`` (0) of linear
+            warm-up) and ``grad_clip`` (clip each kind's gradient norm to this; None: no clipping). E.g.
+            ``optim={"lr": 1e-2, "schedule": "cosine"}``.
         mlp_hidden: width of the ``mlp`` heads (default d).
         seed: seed of the token sample and of the ``mlp`` initialisation.
         model_attr, blocks, final_norm, unembed: as for ``EarlyExitProbe`` (the language model is found structurally
@@ -109,15 +109,7 @@ class ExitHeads(Callback):
         every_n_steps: int = 4,
         stack_elements: int = 2**25,
         objective: str = "kl",
-        optimizer: str = "adam",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        betas: Sequence[float] = (0.9, 0.999),
-        schedule: Optional[str] = None,
-        warmup_steps: int = 0,
-        total_steps: Optional[int] = None,
-        min_lr_ratio: float = 0.0,
-        grad_clip: Optional[float] = None,
+        optim: Union[OptimSettings, Mapping, None] = None,
         mlp_hidden: Optional[int] = None,
         seed: int = 0,
         model_attr: Optional[str] = None,
@@ -147,18 +139,7 @@ class ExitHeads(Callback):
             raise ValueError(f"stack_elements must be a positive integer, got {stack_elements!r}")
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
-        if optimizer not in _OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {list(_OPTIMIZERS)}, got {optimizer!r}")
-        if not float(lr) > 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if schedule is not None and schedule not in _SCHEDULES:
-            raise ValueError(f"schedule must be None or one of {list(_SCHEDULES)}, got {schedule!r}")
-        if int(warmup_steps) < 0 or (total_steps is not None and int(total_steps) < 1):
-            raise ValueError(f"warmup_steps must be ≥ 0 and total_steps ≥ 1, got {warmup_steps}, {total_steps}")
-        if not 0.0 <= float(min_lr_ratio) <= 1.0:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
-        if grad_clip is not None and not float(grad_clip) > 0:
-            raise ValueError(f"grad_clip must be positive or None, got {grad_clip}")
+        self.optim = OptimSettings.from_any(optim)
         if isinstance(log_every_n_steps, bool) or int(log_every_n_steps) < 1:
             raise ValueError(f"log_every_n_steps must be a positive integer, got {log_every_n_steps!r}")
         self.kinds = kinds
@@ -167,15 +148,6 @@ class ExitHeads(Callback):
         self.every_n_steps = every_n_steps
         self.stack_elements = stack_elements
         self.objective = objective
-        self.optimizer_name = optimizer
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
-        self.betas = tuple(float(b) for b in betas)
-        self.schedule = schedule
-        self.warmup_steps = int(warmup_steps)
-        self.total_steps = int(total_steps) if total_steps is not None else None
-        self.min_lr_ratio = float(min_lr_ratio)
-        self.grad_clip = float(grad_clip) if grad_clip is not None else None
         self.mlp_hidden = mlp_hidden
         self.seed = int(seed)
         self.model_attr = model_attr
@@ -189,7 +161,10 @@ class ExitHeads(Callback):
         self._optimizer = None
         self._scheduler = None
         self._pending_state: Optional[dict] = None
-        # runtime
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        """The per-fit runtime attributes: parts, hooks, captures, loss sums, warnings, costs."""
         self._parts = None
         self._lm = None
         self._layers: list = []
@@ -282,31 +257,8 @@ class ExitHeads(Callback):
 
     def _make_optimizer(self, total_steps: Optional[int]) -> None:
         groups = [{"params": list(head.parameters()), "kind": kind} for kind, head in self.heads.items()]
-        if self.optimizer_name == "sgd":
-            self._optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=0.9, nesterov=True,
-                                              weight_decay=self.weight_decay)
-        elif self.optimizer_name == "adamw":
-            self._optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-        else:
-            self._optimizer = torch.optim.Adam(groups, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-        self._scheduler = None
-        if self.schedule is not None or self.warmup_steps > 0:
-            total = self.total_steps or total_steps or 0
-            warmup, schedule, floor = self.warmup_steps, self.schedule or "constant", self.min_lr_ratio
-            if schedule != "constant" and total <= 0:
-                raise ValueError("ExitHeads: schedule needs total_steps (or a trainer with max_steps/max_epochs)")
-
-            def factor(step: int) -> float:
-                if warmup > 0 and step < warmup:
-                    return (step + 1) / warmup
-                if schedule == "constant" or total <= warmup:
-                    return 1.0
-                progress = min(1.0, (step - warmup) / max(1, total - warmup))
-                if schedule == "cosine":
-                    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-                return floor + (1.0 - floor) * (1.0 - progress)
-
-            self._scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, factor)
+        self._optimizer = self.optim.make_optimizer(groups)
+        self._scheduler = self.optim.make_scheduler(self._optimizer, total_steps)
 
     def probe_readouts(self) -> dict:
         """``{kind: readout}`` for ``EarlyExitProbe`` (empty before the heads are built)."""
@@ -555,9 +507,9 @@ class ExitHeads(Callback):
                         p.grad.mul_(scale)
                 do_step = True
             if do_step:
-                if self.grad_clip is not None:
+                if self.optim.grad_clip is not None:
                     for head in self.heads.values():
-                        torch.nn.utils.clip_grad_norm_(head.parameters(), self.grad_clip)
+                        torch.nn.utils.clip_grad_norm_(head.parameters(), self.optim.grad_clip)
                 self._optimizer.step()
                 if self._scheduler is not None:
                     self._scheduler.step()
@@ -583,7 +535,7 @@ class ExitHeads(Callback):
             raise RuntimeError("ExitHeads.save: the heads are not built yet (they are built at fit start)")
         return save_exit_heads(directory, dict(self.heads.items()), self._parts,
                                extra={"trained": {"head_steps": self.head_steps, "objective": self.objective,
-                                                  "max_tokens": self.max_tokens, "lr": self.lr}})
+                                                  "max_tokens": self.max_tokens, "lr": self.optim.lr}})
 
 
 def _batch_tokens(batch) -> Optional[tuple]:

@@ -236,11 +236,37 @@ def _omegaconf_type(annotation: Any) -> Any:
     return Any
 
 
+#: settings dataclasses that a grouped argument takes (``ExitHeads(optim=...)``): in a schema they become a nested
+#: node typed field by field, so ``callbacks.exit_heads.optim.lr=fast`` fails at compose time like a flat key
+NESTED_SETTINGS = ("ee_callbacks.heads_optim.OptimSettings",)
+
+
+def _nested_settings(annotation: Any) -> Optional[type]:
+    """The settings dataclass of :data:`NESTED_SETTINGS` that ``annotation`` (a class or a union) names, or None."""
+    for member in (typing.get_args(annotation) or (annotation,)):
+        if dataclasses.is_dataclass(member) and f"{member.__module__}.{member.__qualname__}" in NESTED_SETTINGS:
+            return member
+    return None
+
+
+def _settings_schema(settings: type) -> type:
+    """A mutable structured-config twin of the dataclass ``settings``: its fields, defaults and nearest types."""
+    hints = typing.get_type_hints(settings)
+    fields_: list[tuple] = []
+    for item in dataclasses.fields(settings):
+        default = item.default
+        value = list(default) if isinstance(default, tuple) else default
+        made = field(default_factory=lambda v=value: v) if isinstance(value, (list, dict)) else field(default=value)
+        fields_.append((item.name, _omegaconf_type(hints.get(item.name, Any)), made))
+    return dataclasses.make_dataclass(f"{settings.__name__}Schema", fields_)
+
+
 def schema_from_signature(target: str, name: str | None = None) -> type:
     """A structured-config dataclass for the keyword arguments of ``target`` (a dotted class or function path).
 
     Each parameter becomes a field with the signature's default (``MISSING`` if it has none) and the nearest type
-    OmegaConf checks (:func:`_omegaconf_type`), plus ``_target_`` (default ``target``) and ``extra: Dict[str, Any]``
+    OmegaConf checks (:func:`_omegaconf_type`); one taking a settings dataclass of :data:`NESTED_SETTINGS` becomes a
+    nested node typed field by field (its defaults filled in), plus ``_target_`` (default ``target``) and ``extra: Dict[str, Any]``
     for keywords the schema does not list (the target's ``**kwargs``, or a parameter whose default is an object),
     which :func:`instantiation_kwargs` passes on as keywords. An unknown key or a badly typed value fails when the
     config is composed.
@@ -257,6 +283,11 @@ def schema_from_signature(target: str, name: str | None = None) -> type:
         if parameter.name in ("self", "extra") or parameter.kind is inspect.Parameter.VAR_POSITIONAL:
             continue
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        settings = _nested_settings(hints.get(parameter.name))
+        if settings is not None and parameter.default is None:  # a grouped argument: a typed nested node
+            nested = _settings_schema(settings)
+            fields.append((parameter.name, Optional[nested], field(default_factory=nested)))
             continue
         kind = _omegaconf_type(hints.get(parameter.name, Any))
         default = parameter.default

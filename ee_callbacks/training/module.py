@@ -10,7 +10,6 @@ load-balancing loss, when the model returns one), ``train/lr`` (per step), ``val
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ee_callbacks.exit_loss import EarlyExitAwareLM
+from ee_callbacks.heads_optim import lr_lambda  # the LM and the exit heads share one schedule
 from ee_callbacks.training.config import plain_dict
 from ee_callbacks.training.zoo import build_model
 
@@ -45,21 +45,6 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor,
     shifted_labels = labels[:, 1:]
     return F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
                            ignore_index=-100)
-
-
-def lr_lambda(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier at ``step``: linear warmup over ``warmup_steps``, then constant, or cosine / linear
-    decay from 1 to ``min_lr_ratio`` at ``total_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant" or total_steps <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "cosine":
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - progress)
-    raise ValueError(f"optim.scheduler must be 'constant', 'cosine' or 'linear', got {schedule!r}")
 
 
 class LMModule(EarlyExitAwareLM, pl.LightningModule):

@@ -1,0 +1,144 @@
+"""Module-level helpers of :class:`~ee_callbacks.callbacks.probe.EarlyExitProbe`: where the records file goes and
+whether it is writable, the run's labels, the metrics a checkpoint monitor sees, the cross-rank reduction of the drift
+reference, and the W&B extras sink. :mod:`ee_callbacks.callbacks.probe` re-exports ``default_records_path``."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from lightning.pytorch import Trainer
+
+
+def _prefix(set_name: str) -> str:
+    return "ee" if set_name == "default" else f"ee/{set_name}"
+
+
+def _publish_callback_metrics(trainer: Trainer, metrics: Mapping) -> None:
+    """Put the probe's figures where ModelCheckpoint / EarlyStopping look (every rank: they decide on every rank).
+    Lightning keeps ``trainer.callback_metrics`` until the next fit, so a monitor sees the latest probe's value."""
+    store = trainer.callback_metrics
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            store[key] = torch.tensor(float(value))
+
+
+def default_records_path(trainer: Trainer) -> Path:
+    """Where a run's ``ee_probes.jsonl`` goes when ``output_path`` is not given (call on global rank zero):
+
+    - a ``WandbLogger``: the W&B run's own directory (``wandb/run-<time>-<id>/files``, synced with the run);
+    - a ``TensorBoardLogger`` / ``CSVLogger``: its ``log_dir`` (``<save_dir>/<name>/version_<n>``);
+    - any other logger: ``<default_root_dir>/ee_probes/<logger name>/<version or run id>/``;
+    - no logger: ``default_root_dir`` itself (as Lightning's own checkpoints: without a logger there is no run
+      identity, so the directory is the run's; give each run its own, or pass ``output_path``).
+    """
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    root = Path(trainer.default_root_dir)
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger):
+            with contextlib.suppress(Exception):
+                run_dir = getattr(lg.experiment, "dir", None)
+                if run_dir:
+                    return Path(run_dir) / "ee_probes.jsonl"
+    for lg in trainer.loggers:
+        if isinstance(lg, (TensorBoardLogger, CSVLogger)) and lg.log_dir:
+            return Path(lg.log_dir) / "ee_probes.jsonl"
+    for lg in trainer.loggers:
+        with contextlib.suppress(Exception):
+            name, version = lg.name, lg.version
+            if version is not None:
+                return root / "ee_probes" / _safe_name(name or type(lg).__name__) / _safe_name(version) \
+                    / "ee_probes.jsonl"
+    return root / "ee_probes.jsonl"
+
+
+def _safe_name(value) -> str:
+    text = str(value).strip().replace(os.sep, "_")
+    return text if text and text not in (".", "..") else "run"
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        raise OSError(
+            f"EarlyExitProbe cannot write its records to {path} ({err}): pass output_path= to a writable file"
+        ) from None
+
+
+def _looks_like_batch(data: Mapping) -> bool:
+    return "input_ids" in data
+
+
+def _describe_source(source, name: str) -> str:
+    if source is None:
+        return "validation"
+    if isinstance(source, Mapping):
+        source = source.get(name)
+    return type(source).__name__
+
+
+def _run_info(trainer: Trainer) -> dict:
+    info = {}
+    for lg in trainer.loggers:
+        with contextlib.suppress(Exception):
+            info.setdefault("name", str(lg.name) if lg.name is not None else None)
+            info.setdefault("version", str(lg.version) if lg.version is not None else None)
+    exp = os.environ.get("EE_EXPERIMENT")
+    if exp:
+        info["experiment"] = exp
+    return info
+
+
+def _share_drift_reference(reduce, grams: dict, n_reps: int, n_batches: int) -> dict:
+    """Every batch's CKA Grams on every rank (two sum all-reduces).
+
+    Each rank computes the Grams of its own batches, but the callback state in a checkpoint is rank 0's: without
+    this, every rank resumes with rank 0's reference and drift then covers rank 0's batches only.
+    """
+    sizes = torch.zeros(n_batches, dtype=torch.float64)
+    for index, gram in grams.items():
+        sizes[index] = gram.shape[-1]
+    sizes = [int(n) for n in reduce(sizes).tolist()]
+    flat = torch.zeros(sum(n_reps * n * n for n in sizes), dtype=torch.float32)
+    offset = 0
+    for index, n in enumerate(sizes):
+        if index in grams:
+            flat[offset: offset + n_reps * n * n] = grams[index].reshape(-1).float().cpu()
+        offset += n_reps * n * n
+    flat, offset, shared = reduce(flat).float(), 0, {}
+    for index, n in enumerate(sizes):
+        if n:
+            shared[index] = flat[offset: offset + n_reps * n * n].reshape(n_reps, n, n).clone()
+        offset += n_reps * n * n
+    return shared
+
+
+def _make_reduce(trainer: Trainer):
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        device = trainer.strategy.root_device
+        out = trainer.strategy.reduce(tensor.to(device), reduce_op="sum")
+        return out.to("cpu", torch.float64)
+
+    return reduce
+
+
+def _make_wandb_extras(trainer: Trainer, wandb_images: bool = False):
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+        return None
+    try:
+        from ..sinks.wandb_extras import WandbExtras
+    except Exception as err:  # pragma: no cover - optional sink
+        warnings.warn(f"EarlyExitProbe: W&B extras unavailable ({err})", RuntimeWarning)
+        return None
+    return WandbExtras(wandb_images=wandb_images)
