@@ -12,7 +12,7 @@ Variants (the same composed config, callbacks differ):
 - ``probe``  — the default run (``EarlyExitProbe`` at its default cadence, W&B extras as configured);
 - ``probe-no-extras`` — the probe without W&B extras (tables and images): the probe's cost once W&B drawing is off
   the training thread;
-- ``probe/adaptive`` — ``max_overhead=0.02``: the adaptive cadence (point 3);
+- ``probe/adaptive`` — ``cadence=0.02``: the adaptive cadence (point 3);
 - ``probe+heads`` — ``callbacks=[default,exit_heads]``: the probe and online exit heads at their defaults.
 - ``--heads-grid`` adds ``heads/n<N>/t<T>`` variants (exit heads every N-th step on T sampled tokens).
 
@@ -47,8 +47,8 @@ from benchmarks.common import REPO_ROOT, machine_info, machine_markdown, median,
 VARIANTS = {
     "base": ["~callbacks.ee_probe"],
     "probe": [],
-    "probe-no-extras": ["callbacks.ee_probe.wandb_extras=false"],
-    "probe/adaptive": ["callbacks.ee_probe.max_overhead=0.02"],
+    "probe-no-extras": ["callbacks.ee_probe.wandb=false"],
+    "probe/adaptive": ["callbacks.ee_probe.cadence=0.02"],
     "probe+heads": ["callbacks=[default,exit_heads]"],
 }
 DEFAULT_VARIANTS = ["base", "probe", "probe-no-extras", "probe/adaptive", "probe+heads"]

@@ -34,7 +34,7 @@ import json
 import sys
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -43,6 +43,7 @@ import torch
 from .probe_data import draw_probe_set
 from .probe import ProbeConfig, run_probe
 from .records import append_record, read_records
+from .settings import settings_from_any
 from .checkpoint_sources import (  # re-exported: callers import these from ee_callbacks.analyze
     _hf_load,
     check_all_weights_loaded,
@@ -106,17 +107,7 @@ class ProbeSetOptions:
     @classmethod
     def from_any(cls, value) -> "ProbeSetOptions":
         """``value`` as options: None (defaults), a :class:`ProbeSetOptions`, or a mapping of its fields."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, Mapping):
-            raise TypeError(f"probe= takes a ProbeSetOptions or a mapping, got {type(value).__name__}")
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(value) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown probe set option(s) {unknown}; allowed: {', '.join(allowed)}")
-        return cls(**value)
+        return settings_from_any(cls, value, "probe")
 
     def resolve(self, defaults: Mapping) -> tuple[int, int, int, int, ProbeConfig]:
         """(sequences, seq_len, seed, batch_size, probe config), each from these options, else the checkpoint's

@@ -3,13 +3,14 @@ learning-rate schedule built from them. Plain PyTorch."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+
+from .settings import settings_from_any
 
 __all__ = ["OptimSettings", "lr_lambda"]
 
@@ -84,18 +85,7 @@ class OptimSettings:
     def from_any(cls, value: Union["OptimSettings", Mapping, None]) -> "OptimSettings":
         """``value`` as settings: None (the defaults), an :class:`OptimSettings`, or a mapping of some of its fields
         (e.g. ``{"lr": 1e-2, "schedule": "cosine"}``); an unknown key is an error listing the allowed ones."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, Mapping):
-            raise TypeError(f"optim must be a mapping of optimiser settings or an OptimSettings, got "
-                            f"{type(value).__name__}")
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(str(k) for k in value if k not in allowed)
-        if unknown:
-            raise ValueError(f"unknown optim key(s) {unknown}; allowed: {', '.join(allowed)}")
-        return cls(**dict(value))
+        return settings_from_any(cls, value, "optim")
 
     def make_optimizer(self, groups: list) -> torch.optim.Optimizer:
         """The optimizer over parameter ``groups``."""

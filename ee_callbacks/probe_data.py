@@ -4,12 +4,49 @@ from __future__ import annotations
 
 import contextlib
 import random
+from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["draw_probe_set", "preserved_rng"]
+from .settings import settings_from_any
+
+__all__ = ["ProbeSetSettings", "draw_probe_set", "preserved_rng"]
+
+
+@dataclass(frozen=True)
+class ProbeSetSettings:
+    """How ``EarlyExitProbe`` draws each probe set (its ``probe_set=`` argument; a mapping of some keys also does).
+
+    Attributes:
+        sequences: sequences per probe set (drawn once, seeded).
+        seq_len: cut probe sequences to this many tokens (None: the source's length).
+        seed: seed of the probe-set draw.
+        batch_size: probe sequences per forward batch.
+    """
+
+    sequences: int = 32
+    seq_len: Optional[int] = None
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self):
+        def positive(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+        if not positive(self.sequences):
+            raise ValueError(f"probe_set.sequences must be a positive integer, got {self.sequences!r}")
+        if self.seq_len is not None and (not positive(self.seq_len) or self.seq_len < 2):
+            raise ValueError(f"probe_set.seq_len must be an integer ≥ 2 or None, got {self.seq_len!r}")
+        if not positive(self.batch_size):
+            raise ValueError(f"probe_set.batch_size must be a positive integer, got {self.batch_size!r}")
+        object.__setattr__(self, "seed", int(self.seed))
+
+    @classmethod
+    def from_any(cls, value) -> "ProbeSetSettings":
+        """None (the defaults), a :class:`ProbeSetSettings`, or a mapping of some of its fields."""
+        return settings_from_any(cls, value, "probe_set")
 
 
 @contextlib.contextmanager

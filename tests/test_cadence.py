@@ -114,7 +114,7 @@ def test_probe_with_max_overhead_follows_and_logs_its_decisions(tmp_path):
     ids = pattern_tokens(64, 16, 64, 0)
     train = DataLoader([{"input_ids": row} for row in ids], batch_size=8)
     # a budget no probe can meet: every gap after the first is the sparsest allowed (5), whatever the timings
-    probe = EarlyExitProbe(every_n_steps=2, max_overhead=1e-6, max_every_n_steps=5,
+    probe = EarlyExitProbe(every_n_steps=2, cadence={"max_overhead": 1e-6, "max_every_n_steps": 5},
                            probe_data=pattern_tokens(8, 16, 64, 3), print_table=False, model_attr="net")
     logger = CSVLogger(str(tmp_path), name="csv")
     trainer = L.Trainer(max_steps=12, callbacks=[probe], logger=logger, default_root_dir=str(tmp_path),
@@ -141,7 +141,11 @@ def test_probe_with_max_overhead_follows_and_logs_its_decisions(tmp_path):
 def test_max_every_n_steps_needs_max_overhead():
     from ee_callbacks import EarlyExitProbe
 
-    with pytest.raises(ValueError, match="max_overhead"):
-        EarlyExitProbe(every_n_steps=10, max_every_n_steps=100)
+    with pytest.raises(ValueError, match="pass cadence.max_overhead too"):
+        EarlyExitProbe(every_n_steps=10, cadence={"max_every_n_steps": 100})
     with pytest.raises(ValueError, match="max_overhead must be"):
-        EarlyExitProbe(every_n_steps=10, max_overhead=2.0)
+        EarlyExitProbe(every_n_steps=10, cadence=2.0)
+    with pytest.raises(ValueError, match=r"unknown cadence key\(s\) \['overhead'\]; allowed: max_overhead, max_every_n_steps"):
+        EarlyExitProbe(every_n_steps=10, cadence={"overhead": 0.02})
+    probe = EarlyExitProbe(every_n_steps=10, cadence=0.02)  # a number is the share of wall time
+    assert probe.max_overhead == 0.02 and probe.cadence is not None

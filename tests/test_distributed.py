@@ -21,7 +21,7 @@ from ddp_probe_check import comparable, max_abs_diff, probe_set  # noqa: E402
 def test_ddp_spawn_record_equals_single_process(tmp_path):
     train, val = loaders()
     out = tmp_path / "ee_probes.jsonl"
-    probe = EarlyExitProbe(every_n_steps=2, probe_data=probe_set(), batch_size=2, output_path=out, print_table=False)
+    probe = EarlyExitProbe(every_n_steps=2, probe_data=probe_set(), probe_set={"batch_size": 2}, output_path=out, print_table=False)
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, callbacks=[probe], logger=False,
         default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,

@@ -144,7 +144,7 @@ def _fit(root, make, with_callbacks, steps=6, logger=False, extra=(), **trainer_
     losses = Losses()
     callbacks = [losses, *extra]
     if with_callbacks:
-        callbacks += [EarlyExitProbe(every_n_steps=3, probe_data=PROBE, print_table=False, wandb_extras=False),
+        callbacks += [EarlyExitProbe(every_n_steps=3, probe_data=PROBE, print_table=False, wandb=False),
                       ExitHeads(kinds=["tuned_lens"], max_tokens=32, log_every_n_steps=1)]
     trainer = L.Trainer(max_steps=steps, callbacks=callbacks, logger=logger, default_root_dir=str(root),
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=bool(extra),
@@ -366,7 +366,8 @@ trainer:
     - class_path: ee_callbacks.EarlyExitProbe
       init_args:
         every_n_steps: 2
-        probe_sequences: 4
+        probe_set:
+          sequences: 4
         print_table: false
         config:
           metrics: [lens, saturation, eas]

@@ -257,7 +257,7 @@ def trained(tmp_path_factory):
     L.seed_everything(0)
     train, _ = loaders()
     heads = ExitHeads(every_n_steps=1, kinds=ALL_KINDS, optim={"lr": 1e-2}, max_tokens=128, log_every_n_steps=20, save_dir=root / "heads")
-    probe = EarlyExitProbe(every_n_steps=1000, probe_data=PROBE, print_table=False, probe_at_start=False,
+    probe = EarlyExitProbe(every_n_steps=1000, probe_data=PROBE, print_table=False, probe_at=["end"],
                            output_path=root / "ee_probes.jsonl")
     logger = CSVLogger(str(root), name="csv")
     module = TinyLM(dropout=0.0)
@@ -457,7 +457,7 @@ def test_bad_arguments_are_rejected():
     allowed = "optimizer, lr, weight_decay, betas, schedule, warmup_steps, total_steps, min_lr_ratio, grad_clip"
     with pytest.raises(ValueError, match=re.escape(f"unknown optim key(s) ['learning_rate']; allowed: {allowed}")):
         ExitHeads(optim={"learning_rate": 1e-2})
-    with pytest.raises(TypeError, match="optim must be a mapping"):
+    with pytest.raises(TypeError, match="optim must be a mapping of optimizer, lr"):
         ExitHeads(optim=1e-2)
     with pytest.raises(ValueError, match="optim.lr"):
         ExitHeads(optim={"lr": 0})

@@ -94,7 +94,7 @@ def test_core_install_imports_and_fits_with_the_callbacks_without_hydra_or_matpl
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LOADED []" in result.stdout, result.stdout[-2000:]
-    # the W&B extras logged their table and native charts there (matplotlib images are opt-in: wandb_images=True)
+    # the W&B extras logged their table and native charts there (matplotlib images are opt-in: wandb={"images": True})
     from tests.wandb_inspect import inspect_run
 
     run = inspect_run(tmp_path / "wandb")
@@ -136,7 +136,7 @@ def test_callback_configs_drop_into_another_hydra_project(tmp_path):
     try:
         cfg = _compose_dir(conf, ["callbacks.ee_probe.every_n_steps=25"])
         plain = OmegaConf.to_container(cfg, resolve=True)  # nothing to resolve against this app's keys
-        assert plain["callbacks"]["ee_probe"]["seq_len"] is None and "extra" not in plain["callbacks"]["ee_probe"]
+        assert plain["callbacks"]["ee_probe"]["probe_set"]["seq_len"] is None and "extra" not in plain["callbacks"]["ee_probe"]
     finally:
         store["ee_schema"] = schemas
     probe = instantiate(cfg.callbacks.ee_probe)
@@ -152,6 +152,7 @@ def test_callback_configs_drop_into_another_hydra_project(tmp_path):
 
 def test_callback_and_logger_groups_are_typed_at_compose_time():
     for override, key in (("callbacks.ee_probe.every_n_steps=abc", "every_n_steps"),
+                          ("callbacks.ee_probe.probe_set.sequences=abc", "sequences"),
                           ("callbacks.ee_probe.every_n_step=3", "every_n_step"),
                           ("callbacks.model_checkpoint.every_n_train_steps=x", "every_n_train_steps"),
                           ("logger.wandb.projekt=p", "projekt"), ("logger.wandb.log_model=maybe", None)):
@@ -181,10 +182,10 @@ def test_callback_and_logger_groups_are_typed_at_compose_time():
 
 
 def test_app_fills_its_own_values_into_the_drop_in_callbacks_and_user_values_win():
-    cfg = compose_config(["callbacks=[default,exit_heads]", "data=synthetic", "callbacks.ee_probe.seq_len=32"],
+    cfg = compose_config(["callbacks=[default,exit_heads]", "data=synthetic", "callbacks.ee_probe.probe_set.seq_len=32"],
                          output_dir="/tmp/run")
     apply_callback_settings(cfg)
-    assert cfg.callbacks.ee_probe.seq_len == 32  # set by the user: kept
+    assert cfg.callbacks.ee_probe.probe_set.seq_len == 32  # set by the user: kept
     assert cfg.callbacks.ee_probe.output_path == "/tmp/run/ee_probes.jsonl"
     assert dict(cfg.callbacks.ee_probe.run_info) == {"name": "llama_tiny", "experiment": "train"}
     assert cfg.callbacks.exit_heads.save_dir == "/tmp/run/exit_heads"

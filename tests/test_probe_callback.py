@@ -90,7 +90,7 @@ def test_gradient_accumulation_probes_once_per_optimizer_step(tmp_path):
 
 def test_csv_logger_gets_every_scalar_with_explicit_step(tmp_path):
     train, val = loaders()
-    probe = EarlyExitProbe(every_n_steps=4, probe_sequences=8, print_table=False)
+    probe = EarlyExitProbe(every_n_steps=4, probe_set={"sequences": 8}, print_table=False)
     logger = CSVLogger(str(tmp_path), name="csv")
     trainer = _trainer(tmp_path, [probe], max_steps=8, logger=logger)
     trainer.fit(TinyLM(), train, val)
@@ -151,8 +151,18 @@ def test_state_survives_checkpoint_resume(tmp_path):
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="every_n_steps"):
         EarlyExitProbe(every_n_steps=0)
-    with pytest.raises(ValueError, match="probe_sequences"):
-        EarlyExitProbe(every_n_steps=1, probe_sequences=-1)
+    with pytest.raises(ValueError, match="probe_set.sequences must be a positive integer"):
+        EarlyExitProbe(every_n_steps=1, probe_set={"sequences": -1})
+    with pytest.raises(ValueError, match=r"unknown probe_set key\(s\) \['probe_sequences'\]; allowed: sequences"):
+        EarlyExitProbe(every_n_steps=1, probe_set={"probe_sequences": 4})
+    with pytest.raises(ValueError, match="probe_at"):
+        EarlyExitProbe(every_n_steps=1, probe_at=["begin"])
+    with pytest.raises(ValueError, match="unknown wandb key"):
+        EarlyExitProbe(every_n_steps=1, wandb={"charts": True})
+    grouped = EarlyExitProbe(probe_set={"seq_len": 16, "batch_size": 2}, probe_at=["end"], wandb={"images": True})
+    assert (grouped.probe_sequences, grouped.seq_len, grouped.seed, grouped.batch_size) == (32, 16, 0, 2)
+    assert (grouped.probe_at_start, grouped.probe_at_end, grouped.wandb_extras, grouped.wandb_images) == \
+        (False, True, True, True)
     with pytest.raises(ValueError, match="eas_alpha"):
         EarlyExitProbe(every_n_steps=1, config={"eas_alpha": -0.1})
 

@@ -31,7 +31,7 @@ def _trainer(tmp_path, probe, max_steps, project):
 
 def test_twelve_layer_run_gives_a_readable_workspace(tmp_path):
     train, val = loaders()
-    probe = EarlyExitProbe(every_n_steps=3, probe_sequences=8, print_table=False)
+    probe = EarlyExitProbe(every_n_steps=3, probe_set={"sequences": 8}, print_table=False)
     trainer = _trainer(tmp_path, probe, 6, "ee-workspace")
     try:
         trainer.fit(TinyLM(kind="llama", layers=12), train, val)

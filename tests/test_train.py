@@ -43,10 +43,10 @@ def test_default_config_composes_with_every_group():
     assert cfg.model.name == "llama_tiny" and cfg.data.source == "fortunes" and cfg.tokenizer.kind == "bpe"
     assert set(cfg.callbacks) == {"model_checkpoint", "ee_probe"}
     assert cfg.callbacks.model_checkpoint.dirpath == "/tmp/somewhere/checkpoints"
-    # the drop-in callback config leaves seq_len null; the app fills it from its own config when it trains
-    assert cfg.callbacks.ee_probe.seq_len is None
+    # the drop-in callback config leaves probe_set.seq_len null; the app fills it from its own config when it trains
+    assert cfg.callbacks.ee_probe.probe_set.seq_len is None
     apply_callback_settings(cfg)
-    assert cfg.callbacks.ee_probe.seq_len == cfg.data.seq_len == 128
+    assert cfg.callbacks.ee_probe.probe_set.seq_len == cfg.data.seq_len == 128
     assert cfg.callbacks.ee_probe.output_path == "/tmp/somewhere/ee_probes.jsonl"
     assert cfg.callbacks.ee_probe.run_info.name == "llama_tiny"
     assert cfg.logger.wandb.save_dir == "/tmp/somewhere"

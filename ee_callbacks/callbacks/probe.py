@@ -9,7 +9,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
@@ -17,11 +17,12 @@ from ..cadence import AdaptiveCadence, CostMeter
 from ..distributed import param_count, probe_forward_target, probe_shard, readout_context_factory, wrapped_root
 from ..model_parts import find_language_model, find_model_parts, prove_on_probe_set
 from ..probe import ProbeConfig, prepare_batches, run_probe
-from ..probe_data import draw_probe_set, preserved_rng
+from ..probe_data import ProbeSetSettings, draw_probe_set, preserved_rng
 from ..providers import provider_artifacts, provider_readouts
 from ..records import append_record, read_records
 from ..sinks.loggers import flatten_record_metrics, format_record_table, log_to_loggers
 from .probe_support import (  # default_records_path and _share_drift_reference are re-exported from here
+    _cadence_args,
     _check_writable,
     default_records_path,
     _describe_source,
@@ -29,9 +30,11 @@ from .probe_support import (  # default_records_path and _share_drift_reference 
     _make_reduce,
     _make_wandb_extras,
     _prefix,
+    _probe_at_args,
     _publish_callback_metrics,
     _run_info,
     _share_drift_reference,
+    _wandb_args,
 )
 
 __all__ = ["EarlyExitProbe", "default_records_path", "draw_probe_set", "preserved_rng", "find_language_model"]
@@ -55,7 +58,7 @@ class EarlyExitProbe(Callback):
       static_skip_5pct, spec_speedup_est, final_ce, final_acc, angular_min_<n>, cka_drift_mean, probe_s,
       and ``<p>/summary/skip_at_consistency_<c>/<rule>``;
     - ``<p>/heads/<kind>/<metric>/layer_<ℓ:02d>`` for trained exit heads (see ``ExitHeads``);
-    - with ``max_overhead``: ``ee/cadence/every_n_steps`` (the gap chosen after each probe),
+    - with an adaptive ``cadence``: ``ee/cadence/every_n_steps`` (the gap chosen after each probe),
       ``ee/cadence/expected_share`` (the probe's share of wall time at that gap), ``ee/cadence/probe_s`` and
       ``ee/cadence/step_s`` (the measured probe and training-step wall seconds it was decided from).
 
@@ -64,24 +67,24 @@ class EarlyExitProbe(Callback):
     ``EarlyStopping(monitor=...)`` see the latest probe's values like any logged metric.
 
     Args:
-        every_n_steps: probe every this many optimizer steps (> 0); with ``max_overhead``, the densest cadence.
-        max_overhead: None (fixed cadence) or a fraction of wall time, e.g. 0.02: after each probe the gap to the
-            next one is chosen so that probing (the probe and its sinks, as measured) takes at most this share of
-            the run's wall time, given the training steps' measured wall time (:class:`~ee_callbacks.cadence.
-            AdaptiveCadence`); every decision is logged (``ee/cadence/*``) and kept in ``cadence_decisions``.
-        max_every_n_steps: with ``max_overhead``, the sparsest cadence (None: unbounded).
+        every_n_steps: probe every this many optimizer steps (> 0); with an adaptive ``cadence``, the densest.
+        cadence: None (fixed cadence), or adaptive: a fraction of wall time (``max_overhead``, e.g. 0.02) or a mapping
+            ``{"max_overhead": 0.02, "max_every_n_steps": 400}``. After each probe the gap to the next one is chosen
+            so that probing (the probe and its sinks, as measured) takes at most this share of the run's wall time,
+            given the training steps' measured wall time (:class:`~ee_callbacks.cadence.AdaptiveCadence`), never
+            sparser than ``max_every_n_steps`` (None: unbounded); every decision is logged (``ee/cadence/*``) and
+            kept in ``cadence_decisions``.
         probe_data: a LongTensor (N, T), a dataset, a DataLoader, or a dict ``{set name: one of those}`` for
             several named probe sets ("workloads"). Default: drawn from the validation dataloader.
-        probe_sequences: sequences per probe set (drawn once, seeded).
-        seq_len: cut probe sequences to this many tokens.
+        probe_set: how each probe set is drawn, a :class:`~ee_callbacks.probe_data.ProbeSetSettings` or a mapping of
+            some of its keys: ``sequences`` (per set, drawn once, seeded; 32), ``seq_len`` (cut sequences to this
+            many tokens; None), ``seed`` (of the draw; 0), ``batch_size`` (sequences per forward batch; 8).
         config: :class:`~ee_callbacks.ProbeConfig` or a mapping of its fields.
         output_path: the JSONL file; default ``ee_probes.jsonl`` in the run's own directory (see
             :func:`default_records_path`: the W&B run directory, a TensorBoard/CSV logger's version directory,
             ``<default_root_dir>/ee_probes/<logger name>/<version>/`` for other loggers, ``default_root_dir``
             without logger), so two logged runs never share a file.
-        seed: seed of the probe-set draw.
-        batch_size: probe sequences per forward batch.
-        probe_at_start / probe_at_end: also probe at step 0 and after the last step.
+        probe_at: also probe at ``start`` (step 0) and/or ``end`` (after the last step); ``[]`` for neither.
         model_attr: dotted path of the language model inside the LightningModule (``""``: the module itself); by
             default found structurally (:func:`~ee_callbacks.model_parts.find_language_model`).
         blocks / final_norm / unembed: dotted paths (relative to the language model) overriding part discovery
@@ -92,9 +95,10 @@ class EarlyExitProbe(Callback):
         print_table: print a compact layer × agree/kl/ce table at the end of fit.
         readouts: extra readouts ``{kind: readout}`` to evaluate, or a callable returning them (``ExitHeads``
             registers its heads here itself).
-        wandb_extras: with a WandbLogger attached, shape the W&B workspace (per-layer scalars hidden, summary modes),
-            log interactive charts, the growing probe table and the JSONL artifact (see ``WandbExtras``).
-        wandb_images: also draw matplotlib heatmap/trade-off/CKA images for W&B at every probe (slow; off by default).
+        wandb: the W&B extras: True/False, or ``{"extras": bool, "images": bool}``. ``extras`` (default on): with a
+            WandbLogger attached, shape the W&B workspace (per-layer scalars hidden, summary modes), log interactive
+            charts, the growing probe table and the JSONL artifact (see ``WandbExtras``). ``images`` (default off):
+            also draw matplotlib heatmap/trade-off/CKA images for W&B at every probe (slow).
         data_name: a label of the probe data for the record (default: the source's type).
         run_info: ``{"name": ..., "experiment": ...}`` copied into each record's ``run`` (reports name runs by it).
     """
@@ -103,57 +107,46 @@ class EarlyExitProbe(Callback):
         self,
         every_n_steps: int = 100,
         probe_data: Any = None,
-        probe_sequences: int = 32,
-        seq_len: Optional[int] = None,
+        probe_set: Union[ProbeSetSettings, Mapping, None] = None,
         config: Union[ProbeConfig, Mapping, None] = None,
         output_path: Optional[Union[str, os.PathLike]] = None,
-        seed: int = 0,
-        batch_size: int = 8,
-        probe_at_start: bool = True,
-        probe_at_end: bool = True,
+        probe_at: Sequence[str] = ("start", "end"),
         model_attr: Optional[str] = None,
         blocks: Optional[str] = None,
         final_norm: Optional[str] = None,
         unembed: Optional[str] = None,
         print_table: bool = True,
         readouts: Any = None,
-        wandb_extras: bool = True,
-        wandb_images: bool = False,
+        wandb: Union[bool, Mapping] = True,
         data_name: Optional[str] = None,
         run_info: Optional[Mapping] = None,
-        max_overhead: Optional[float] = None,
-        max_every_n_steps: Optional[int] = None,
+        cadence: Union[float, Mapping, None] = None,
     ):
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
             raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
-        if isinstance(probe_sequences, bool) or not isinstance(probe_sequences, int) or probe_sequences <= 0:
-            raise ValueError(f"probe_sequences must be a positive integer, got {probe_sequences!r}")
-        if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 2):
-            raise ValueError(f"seq_len must be an integer ≥ 2 or None, got {seq_len!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        settings = ProbeSetSettings.from_any(probe_set)
+        max_overhead, max_every_n_steps = _cadence_args(cadence)
+        self.wandb_extras, self.wandb_images = _wandb_args(wandb)
         self.every_n_steps = every_n_steps
         self.max_overhead = max_overhead
         self.cadence = (AdaptiveCadence(every_n_steps, max_overhead, max_every_n_steps)
                         if max_overhead is not None else None)
         if self.cadence is None and max_every_n_steps is not None:
-            raise ValueError("max_every_n_steps bounds the adaptive cadence: pass max_overhead= too (e.g. 0.02)")
+            raise ValueError("cadence.max_every_n_steps bounds the adaptive cadence: pass cadence.max_overhead too "
+                             "(e.g. cadence={'max_overhead': 0.02, 'max_every_n_steps': 400})")
         self.probe_data = probe_data
-        self.probe_sequences = probe_sequences
-        self.seq_len = seq_len
+        self.probe_sequences = settings.sequences
+        self.seq_len = settings.seq_len
         self.config = ProbeConfig.from_any(config)
         self.output_path = Path(output_path) if output_path is not None else None
-        self.seed = int(seed)
-        self.batch_size = batch_size
-        self.probe_at_start = probe_at_start
-        self.probe_at_end = probe_at_end
+        self.seed = settings.seed
+        self.batch_size = settings.batch_size
+        self.probe_at_start, self.probe_at_end = _probe_at_args(probe_at)
         self.model_attr = model_attr
         self.part_paths = {"blocks": blocks, "final_norm": final_norm, "unembed": unembed}
         self.print_table = print_table
         self.extra_readouts = readouts
-        self.wandb_extras = wandb_extras
-        self.wandb_images = bool(wandb_images)
         self.data_name = data_name
         self.run_info = dict(run_info or {})
         # state (saved in checkpoints)

@@ -9,7 +9,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional, Sequence
 
 import torch
 from lightning.pytorch import Trainer
@@ -142,3 +142,40 @@ def _make_wandb_extras(trainer: Trainer, wandb_images: bool = False):
         warnings.warn(f"EarlyExitProbe: W&B extras unavailable ({err})", RuntimeWarning)
         return None
     return WandbExtras(wandb_images=wandb_images)
+
+
+def _wandb_args(value) -> tuple[bool, bool]:
+    """``wandb=``: a bool (the W&B extras on or off) or ``{"extras": bool, "images": bool}`` -> (extras, images)."""
+    if isinstance(value, bool):
+        return value, False
+    if not isinstance(value, Mapping):
+        raise TypeError(f"wandb must be true/false or a mapping of extras, images; got {type(value).__name__}")
+    unknown = sorted(str(k) for k in value if k not in ("extras", "images"))
+    if unknown:
+        raise ValueError(f"unknown wandb key(s) {unknown}; allowed: extras, images")
+    return bool(value.get("extras", True)), bool(value.get("images", False))
+
+
+def _cadence_args(value) -> tuple[Optional[float], Optional[int]]:
+    """``cadence=``: None (fixed), a share of wall time (``max_overhead``), or ``{"max_overhead": ...,
+    "max_every_n_steps": ...}`` -> (max_overhead, max_every_n_steps)."""
+    if value is None:
+        return None, None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"cadence must be None, a share of wall time (e.g. 0.02) or a mapping of max_overhead, "
+                        f"max_every_n_steps; got {type(value).__name__}")
+    unknown = sorted(str(k) for k in value if k not in ("max_overhead", "max_every_n_steps"))
+    if unknown:
+        raise ValueError(f"unknown cadence key(s) {unknown}; allowed: max_overhead, max_every_n_steps")
+    return value.get("max_overhead"), value.get("max_every_n_steps")
+
+
+def _probe_at_args(value: Sequence[str]) -> tuple[bool, bool]:
+    """``probe_at=``: which of ``start`` (step 0) and ``end`` (after the last step) also get a probe."""
+    points = [value] if isinstance(value, str) else list(value or ())
+    unknown = [p for p in points if p not in ("start", "end")]
+    if unknown:
+        raise ValueError(f"probe_at takes a list of 'start' and/or 'end', got {list(points)!r}")
+    return "start" in points, "end" in points

@@ -236,9 +236,10 @@ def _omegaconf_type(annotation: Any) -> Any:
     return Any
 
 
-#: settings dataclasses that a grouped argument takes (``ExitHeads(optim=...)``): in a schema they become a nested
-#: node typed field by field, so ``callbacks.exit_heads.optim.lr=fast`` fails at compose time like a flat key
-NESTED_SETTINGS = ("ee_callbacks.heads_optim.OptimSettings",)
+#: settings dataclasses that a grouped argument takes (``ExitHeads(optim=...)``, ``EarlyExitProbe(probe_set=...)``):
+#: in a schema each becomes a nested node typed field by field, so ``callbacks.exit_heads.optim.lr=fast`` fails at
+#: compose time like a flat key
+NESTED_SETTINGS = ("ee_callbacks.heads_optim.OptimSettings", "ee_callbacks.probe_data.ProbeSetSettings")
 
 
 def _nested_settings(annotation: Any) -> Optional[type]:

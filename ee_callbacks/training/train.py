@@ -147,22 +147,27 @@ def apply_callback_settings(cfg: DictConfig) -> None:
 
     ``conf/callbacks/ee_probe.yaml`` and ``exit_heads.yaml`` hold no interpolation into this app's keys (so they can
     be copied into another Hydra project as they are); this app passes its own values (``data.seq_len``, the run
-    directory, the model name) from ``conf/train.yaml``'s ``callback_settings``. A value set on the callback itself
-    (``callbacks.ee_probe.seq_len=64``) wins. Settings for a callback the run does not use are ignored.
+    directory, the model name) from ``conf/train.yaml``'s ``callback_settings``; a nested mapping fills the callback's
+    nested node key by key (``probe_set.seq_len``). A value set on the callback itself
+    (``callbacks.ee_probe.probe_set.seq_len=64``) wins. Settings for a callback the run does not use are ignored.
     """
     settings, callbacks = cfg.get("callback_settings"), cfg.get("callbacks")
     if not settings or not callbacks:
         return
     from omegaconf import open_dict
 
-    for name, values in settings.items():
-        entry = callbacks.get(name)
-        if not isinstance(entry, DictConfig) or not values:
-            continue
+    def fill(entry: DictConfig, values) -> None:
         with open_dict(entry):
             for key in values:
-                if entry.get(key) is None:
+                if isinstance(entry.get(key), DictConfig) and isinstance(values[key], DictConfig):
+                    fill(entry[key], values[key])
+                elif entry.get(key) is None:
                     entry[key] = values[key]
+
+    for name, values in settings.items():
+        entry = callbacks.get(name)
+        if isinstance(entry, DictConfig) and values:
+            fill(entry, values)
 
 
 def save_tokenizer(tokenizer: Any, directory: Path) -> Path | None:
