@@ -285,7 +285,10 @@ def _lightning_entry(ck: Path, run_cfg: Optional[dict], series: str, options: Lo
             return validation_blocks(cfg["data"], cfg["tokenizer"])
 
         ee = ((run_cfg.get("callbacks") or {}).get("ee_probe") or {})
-        defaults = {k: ee[k] for k in ("probe_sequences", "seq_len", "seed", "batch_size") if ee.get(k) is not None}
+        # the callback's probe_set group (runs saved before it was grouped kept the keys flat, probe_sequences)
+        drawn = {**{k: ee.get(k) for k in ("probe_sequences", "seq_len", "seed", "batch_size")},
+                 **{("probe_sequences" if k == "sequences" else k): v for k, v in (ee.get("probe_set") or {}).items()}}
+        defaults = {k: v for k, v in drawn.items() if v is not None}
         if ee.get("config"):
             defaults["config"] = ee["config"]
     name = ((run_cfg or {}).get("model") or {}).get("name")

@@ -60,8 +60,8 @@ def main():
     args = ap.parse_args()
     out = Path(args.out)
     train, val = loaders()
-    probe = EarlyExitProbe(every_n_steps=2, probe_data=probe_set(), probe_set={"batch_size": 2}, output_path=out / "ee_probes.jsonl",
-                           print_table=False)
+    probe = EarlyExitProbe(every_n_steps=2, probe_data=probe_set(), probe_set={"batch_size": 2},
+                           output_path=out / "ee_probes.jsonl", print_table=False)
     trainer = L.Trainer(
         accelerator=args.accelerator, devices=args.devices, strategy=args.strategy, max_steps=2, callbacks=[probe],
         logger=False, default_root_dir=str(out), enable_progress_bar=False, enable_model_summary=False,

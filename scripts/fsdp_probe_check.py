@@ -190,7 +190,7 @@ def main():
         return FSDPStrategy(**kwargs)
 
     def make_probe():
-        return RecordingProbe(every_n_steps=2, probe_data=probe_set(), batch_size=2,
+        return RecordingProbe(every_n_steps=2, probe_data=probe_set(), probe_set={"batch_size": 2},
                               output_path=out / "ee_probes.jsonl", print_table=False)
 
     def make_trainer(max_steps, callbacks):
