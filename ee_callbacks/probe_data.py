@@ -24,12 +24,14 @@ class ProbeSetSettings:
         seq_len: cut probe sequences to this many tokens (None: the source's length).
         seed: seed of the probe-set draw.
         batch_size: probe sequences per forward batch.
+        data_name: a label of the probe data for the record (None: the source's type).
     """
 
     sequences: int = 32
     seq_len: Optional[int] = None
     seed: int = 0
     batch_size: int = 8
+    data_name: Optional[str] = None
 
     def __post_init__(self):
         def positive(value) -> bool:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,7 @@ class ExitHeads(Callback):
         save_dir: when set, ``save()`` the heads there at the end of fit; an ``EarlyExitProbe`` finds them through
             :meth:`readout_artifacts` (the W&B artifact then includes the heads).
         log_every_n_steps: optimizer steps between logged training losses.
+        **flat_keywords: the ``optim`` keys may also be passed flat, as in earlier releases (``ExitHeads(lr=1e-2)``).
     """
 
     def __init__(
@@ -118,8 +120,15 @@ class ExitHeads(Callback):
         unembed: Optional[str] = None,
         save_dir: Optional[Union[str, Path]] = None,
         log_every_n_steps: int = 50,
+        **flat_keywords: Any,
     ):
         super().__init__()
+        if flat_keywords:  # optimiser settings passed flat, as in earlier releases: ExitHeads(lr=1e-2)
+            from ..settings import fold_flat_keywords
+
+            flat = {name: ("optim", name) for name in OptimSettings.__dataclass_fields__}
+            current = dataclasses.asdict(optim) if dataclasses.is_dataclass(optim) else optim
+            optim = fold_flat_keywords("ExitHeads", flat_keywords, flat, {"optim": current})["optim"]
         if isinstance(kinds, str):
             kinds = [kinds]
         kinds = [str(k) for k in kinds]

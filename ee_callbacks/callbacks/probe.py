@@ -26,6 +26,7 @@ from .probe_support import (  # default_records_path and _share_drift_reference 
     _check_writable,
     default_records_path,
     _describe_source,
+    _fold_probe_keywords,
     _looks_like_batch,
     _make_reduce,
     _make_wandb_extras,
@@ -99,7 +100,11 @@ class EarlyExitProbe(Callback):
             WandbLogger attached, shape the W&B workspace (per-layer scalars hidden, summary modes), log interactive
             charts, the growing probe table and the JSONL artifact (see ``WandbExtras``). ``images`` (default off):
             also draw matplotlib heatmap/trade-off/CKA images for W&B at every probe (slow).
-        data_name: a label of the probe data for the record (default: the source's type).
+        **flat_keywords: the grouped settings may also be passed flat, as in earlier releases:
+            ``probe_sequences``, ``seq_len``, ``seed``, ``batch_size``, ``data_name`` (into ``probe_set``),
+            ``max_overhead``, ``max_every_n_steps`` (into ``cadence``), ``wandb_extras``, ``wandb_images`` (into
+            ``wandb``), ``probe_at_start``, ``probe_at_end`` (into ``probe_at``); e.g.
+            ``EarlyExitProbe(every_n_steps=50, max_overhead=0.02)``.
         run_info: ``{"name": ..., "experiment": ...}`` copied into each record's ``run`` (reports name runs by it).
     """
 
@@ -118,13 +123,15 @@ class EarlyExitProbe(Callback):
         print_table: bool = True,
         readouts: Any = None,
         wandb: Union[bool, Mapping] = True,
-        data_name: Optional[str] = None,
         run_info: Optional[Mapping] = None,
         cadence: Union[float, Mapping, None] = None,
+        **flat_keywords: Any,
     ):
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps <= 0:
             raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+        if flat_keywords:
+            probe_set, cadence, wandb, probe_at = _fold_probe_keywords(flat_keywords, probe_set, cadence, wandb, probe_at)
         settings = ProbeSetSettings.from_any(probe_set)
         max_overhead, max_every_n_steps = _cadence_args(cadence)
         self.wandb_extras, self.wandb_images = _wandb_args(wandb)
@@ -147,7 +154,7 @@ class EarlyExitProbe(Callback):
         self.part_paths = {"blocks": blocks, "final_norm": final_norm, "unembed": unembed}
         self.print_table = print_table
         self.extra_readouts = readouts
-        self.data_name = data_name
+        self.data_name = settings.data_name
         self.run_info = dict(run_info or {})
         # state (saved in checkpoints)
         self.history: list = []  # compact per-probe summaries {set, step, summary, layers}

@@ -179,3 +179,36 @@ def _probe_at_args(value: Sequence[str]) -> tuple[bool, bool]:
     if unknown:
         raise ValueError(f"probe_at takes a list of 'start' and/or 'end', got {list(points)!r}")
     return "start" in points, "end" in points
+
+
+# flat keywords of earlier releases -> (grouped argument, key)
+_PROBE_FLAT_KEYWORDS = {
+    "probe_sequences": ("probe_set", "sequences"), "seq_len": ("probe_set", "seq_len"),
+    "seed": ("probe_set", "seed"), "batch_size": ("probe_set", "batch_size"), "data_name": ("probe_set", "data_name"),
+    "max_overhead": ("cadence", "max_overhead"), "max_every_n_steps": ("cadence", "max_every_n_steps"),
+    "wandb_extras": ("wandb", "extras"), "wandb_images": ("wandb", "images"),
+    "probe_at_start": ("probe_at", "start"), "probe_at_end": ("probe_at", "end"),
+}
+
+
+def _fold_probe_keywords(keywords: Mapping, probe_set, cadence, wandb, probe_at) -> tuple:
+    """``EarlyExitProbe``'s flat keywords folded into ``(probe_set, cadence, wandb, probe_at)``."""
+    import dataclasses
+
+    from ..settings import fold_flat_keywords
+
+    if dataclasses.is_dataclass(probe_set):
+        probe_set = dataclasses.asdict(probe_set)
+    if isinstance(cadence, (int, float)) and not isinstance(cadence, bool):
+        cadence = {"max_overhead": float(cadence)}
+    # a bool `wandb` and the `probe_at` list have no keys to disagree with: flat keywords refine them
+    wandb_default = {"extras": wandb} if isinstance(wandb, bool) else None
+    points = [probe_at] if isinstance(probe_at, str) else list(probe_at or ())
+    groups = fold_flat_keywords("EarlyExitProbe", keywords, _PROBE_FLAT_KEYWORDS,
+                                {"probe_set": probe_set, "cadence": cadence,
+                                 "wandb": None if wandb_default else wandb, "probe_at": None})
+    if wandb_default is not None:
+        wandb = {**wandb_default, **(groups["wandb"] or {})}
+        groups["wandb"] = wandb
+    at = {"start": "start" in points, "end": "end" in points, **(groups["probe_at"] or {})}
+    return groups["probe_set"], groups["cadence"], groups["wandb"], [p for p in ("start", "end") if at[p]]
