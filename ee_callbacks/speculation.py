@@ -35,6 +35,8 @@ from typing import Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from .metrics.suitability import spec_speedup_table
+
 __all__ = [
     "BlockCallCounter",
     "spec_estimates",
@@ -71,20 +73,20 @@ def spec_estimates(agree: Mapping[int, float], n_layers: int, draft_lengths: Ite
     if L < 2:
         raise ValueError(f"self-speculation needs at least 2 blocks, got n_layers={n_layers}")
     ks = sorted({int(k) for k in draft_lengths})
-    if not ks or ks[0] < 1:
-        raise ValueError(f"draft_lengths must be positive integers, got {ks}")
+    exits = sorted((int(E), a) for E, a in agree.items() if a is not None)
+    layers = torch.tensor([E for E, _ in exits], dtype=torch.long)
+    values = torch.tensor([float(a) for _, a in exits], dtype=torch.float64)
+    # the DESIGN §3 estimate itself is the probe core's (one formula for the record and for this table)
+    draft_layer, lengths, accept, tokens, cost = spec_speedup_table(values, layers, L, ks)
     rows = []
-    for E, a in sorted(agree.items()):
-        E = int(E)
-        if not 1 <= E < L or a is None or a != a:
-            continue
-        a = min(max(float(a), 0.0), 1.0)
-        for k in ks:
+    for row, E in enumerate(draft_layer.long().tolist()):
+        a = float(accept[row])
+        for col, k in enumerate(lengths.tolist()):
             rows.append({
                 "exit_layer": E,
                 "draft_len": k,
                 "acceptance": a,
-                "speedup_est": _geometric_sum(a, k) / ((k * E + L - E) / L),
+                "speedup_est": float(tokens[row, col] / cost[row, col]),
                 "blocks_per_token_est": (k * E + L) / _geometric_sum(a, k + 1),
                 "tokens_per_verification_est": _geometric_sum(a, k + 1),
                 "acceptance_est": (_geometric_sum(a, k + 1) - 1.0) / k,

@@ -15,7 +15,7 @@ from torch import Tensor
 from ee_callbacks.metrics.accumulator import Accumulator
 from ee_callbacks.metrics.saturation import check_layers
 
-__all__ = ["eas", "js_similarity", "spec_speedup_estimate", "acceptance_runs", "spec_cycle_costs", "best_speedup",
+__all__ = ["eas", "js_similarity", "spec_speedup_estimate", "spec_speedup_table", "acceptance_runs", "spec_cycle_costs", "best_speedup",
            "SpecRunStats"]
 
 SPEC_ASSUMPTIONS = (
@@ -101,6 +101,19 @@ def spec_speedup_estimate(
     layer, then the shorter draft). If no pair beats 1.0 (or no candidate exists): ``speedup = 1.0``,
     ``tokens_per_cycle = 1.0`` and ``layer``/``draft_len``/``acceptance`` None.
     """
+    draft_layer, ks, accept, tokens, cost = spec_speedup_table(agree, layers, n_layers, draft_lengths)
+    result = best_speedup(tokens, cost, draft_layer, ks)
+    if result["layer"] is not None:
+        row = int((draft_layer == result["layer"]).nonzero()[0])
+        result["acceptance"] = float(accept[row])
+    result["assumptions"] = SPEC_ASSUMPTIONS
+    return result
+
+
+def spec_speedup_table(agree: Tensor, layers: Tensor, n_layers: int, draft_lengths: Iterable[int] = range(1, 9)):
+    """Every ``(E, k)`` pair of :func:`spec_speedup_estimate`'s model: ``(draft layers (E,), draft lengths (D,),
+    acceptance (E,), tokens per cycle Σ_{i<k} a^i (E, D), cost (k·E + L − E)/L (E, D))``, float64, over the layers
+    with ``1 ≤ E < L`` and a finite agreement, in the order given."""
     if n_layers < 1:
         raise ValueError(f"n_layers must be a positive number of blocks, got {n_layers}")
     agree = torch.as_tensor(agree).detach().reshape(-1).double().cpu()
@@ -111,12 +124,7 @@ def spec_speedup_estimate(
     accept = agree[keep].clamp(0.0, 1.0)                         # (E,)
     powers = accept[:, None] ** torch.arange(int(ks.max()), dtype=torch.float64)   # (E, kmax): a^i, i < kmax
     tokens = powers.cumsum(-1)[:, ks - 1]                        # (E, D): Σ_{i<k} a^i
-    result = best_speedup(tokens, _cycle_cost(draft_layer, ks, n_layers), draft_layer, ks)
-    if result["layer"] is not None:
-        row = int((draft_layer == result["layer"]).nonzero()[0])
-        result["acceptance"] = float(accept[row])
-    result["assumptions"] = SPEC_ASSUMPTIONS
-    return result
+    return draft_layer, ks, accept, tokens, _cycle_cost(draft_layer, ks, n_layers)
 
 
 def _draft_lengths(draft_lengths: Iterable[int]) -> Tensor:
