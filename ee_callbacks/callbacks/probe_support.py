@@ -203,12 +203,12 @@ def _fold_probe_keywords(keywords: Mapping, probe_set, cadence, wandb, probe_at)
         cadence = {"max_overhead": float(cadence)}
     # a bool `wandb` and the `probe_at` list have no keys to disagree with: flat keywords refine them
     wandb_default = {"extras": wandb} if isinstance(wandb, bool) else None
-    points = [probe_at] if isinstance(probe_at, str) else list(probe_at or ())
+    start, end = _probe_at_args(probe_at)
     groups = fold_flat_keywords("EarlyExitProbe", keywords, _PROBE_FLAT_KEYWORDS,
                                 {"probe_set": probe_set, "cadence": cadence,
                                  "wandb": None if wandb_default else wandb, "probe_at": None})
     if wandb_default is not None:
         wandb = {**wandb_default, **(groups["wandb"] or {})}
         groups["wandb"] = wandb
-    at = {"start": "start" in points, "end": "end" in points, **(groups["probe_at"] or {})}
+    at = {"start": start, "end": end, **(groups["probe_at"] or {})}
     return groups["probe_set"], groups["cadence"], groups["wandb"], [p for p in ("start", "end") if at[p]]
