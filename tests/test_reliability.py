@@ -156,11 +156,7 @@ def test_write_failure_mid_run_keeps_records_and_raises_at_the_end(tmp_path):
                 out.parent.rmdir()
                 out.parent.write_text("not a directory")
 
-    probe = EarlyExitProbe(every_n_steps=2, probe_data=pattern_tokens(4, 24, 64, 5), output_path=out,
-                           print_table=False)
-    trainer = L.Trainer(max_steps=4, callbacks=[BreakDir(), probe], logger=False, default_root_dir=str(tmp_path),
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        limit_val_batches=0)
+    trainer, probe = _trainer_writing_records_to(out, BreakDir(), max_steps=4, root=tmp_path)
     with pytest.warns(RuntimeWarning, match="could not write"):
         with pytest.raises(OSError, match="could not be written"):
             trainer.fit(TinyLM(), train, val)
@@ -226,12 +222,18 @@ def test_records_pending_when_the_fit_raises_are_written_by_on_exception(tmp_pat
                 out.parent.mkdir()
                 raise RuntimeError("the user's training step failed")
 
-    probe = EarlyExitProbe(every_n_steps=2, probe_data=pattern_tokens(4, 24, 64, 5), output_path=out,
-                           print_table=False)
-    trainer = L.Trainer(max_steps=6, callbacks=[BreakThenFail(), probe], logger=False, default_root_dir=str(tmp_path),
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        limit_val_batches=0)
+    trainer, probe = _trainer_writing_records_to(out, BreakThenFail(), max_steps=6, root=tmp_path)
     with pytest.warns(RuntimeWarning, match="could not write"):
         with pytest.raises(RuntimeError, match="the user's training step failed"):
             trainer.fit(TinyLM(), train, val)
     assert [r["step"] for r in read_records(out)] == [2]
+
+
+def _trainer_writing_records_to(out, breaker, max_steps, root):
+    """A plain trainer with a probe every 2 steps writing to ``out`` and a callback that breaks the records path."""
+    probe = EarlyExitProbe(every_n_steps=2, probe_data=pattern_tokens(4, 24, 64, 5), output_path=out,
+                           print_table=False)
+    trainer = L.Trainer(max_steps=max_steps, callbacks=[breaker, probe], logger=False, default_root_dir=str(root),
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0)
+    return trainer, probe
