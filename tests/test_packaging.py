@@ -321,3 +321,49 @@ def test_wheel_installs_into_a_fresh_venv_and_its_console_scripts_run_from_an_em
          "~callbacks.model_checkpoint", "trainer.enable_checkpointing=false", "hydra.sweep.dir=sweep"],
         cwd=empty, env=env)
     assert (empty / "sweep" / "0" / "config.yaml").is_file() and (empty / "sweep" / "1" / "config.yaml").is_file()
+
+
+def _defaults_of(cls) -> dict:
+    """A callable's keyword defaults, or a dataclass's field defaults (default factories called)."""
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(cls):
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+    return {name: p.default for name, p in inspect.signature(cls).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+@pytest.mark.parametrize("name", ["ee_probe", "exit_heads"])
+def test_the_drop_in_callback_configs_carry_the_classes_own_defaults(name):
+    """What `python train.py` runs is what `EarlyExitProbe()` / `ExitHeads()` do in anyone's code: every key of the
+    drop-in YAML equals the constructor's (or its settings dataclass's) default, so the cadence and costs measured for
+    one hold for the other (docs/performance.md)."""
+    import yaml
+
+    from ee_callbacks import EarlyExitProbe, ExitHeads, ProbeConfig
+    from ee_callbacks.heads_optim import OptimSettings
+    from ee_callbacks.probe_data import ProbeSetSettings
+
+    cls, groups = {"ee_probe": (EarlyExitProbe, {"probe_set": ProbeSetSettings, "config": ProbeConfig}),
+                   "exit_heads": (ExitHeads, {"optim": OptimSettings})}[name]
+    node = yaml.safe_load((CONF_DIR / "callbacks" / f"{name}.yaml").read_text())[name]
+    defaults = _defaults_of(cls)
+    compared = 0
+    for key, value in node.items():
+        if key in ("_target_", "defaults"):
+            continue
+        if key in groups:
+            group_defaults = _defaults_of(groups[key])
+            for sub, sub_value in value.items():
+                assert _plain(sub_value) == _plain(group_defaults[sub]), f"{name}.{key}.{sub}"
+                compared += 1
+        else:
+            assert _plain(value) == _plain(defaults[key]), f"{name}.{key}"
+            compared += 1
+    assert compared >= 8
