@@ -29,7 +29,7 @@ from .metrics.redundancy import HiddenSimilarity
 from .metrics.saturation import SaturationStats
 from .metrics.similarity import CKADrift, MinibatchCKA
 from .metrics.suitability import SpecRunStats
-from .model_parts import ModelParts, find_model_parts, unwrap_model
+from .model_parts import ModelParts, find_model_parts, prove_on_probe_set, unwrap_model
 from .probe_config import (
     DEFAULT_THRESHOLDS, DTYPES, EAS_SIMILARITIES, METRIC_FAMILIES, ProbeConfig, cap_tokens,
     prepare_batches, resolve_layers, valid_positions,
@@ -55,7 +55,9 @@ def run_probe(model: nn.Module, batches, *, config=None, parts: Optional[ModelPa
         batches: LongTensors (B, T) or dicts with ``input_ids`` and optionally ``attention_mask`` / ``labels``
             (labels aligned with the inputs as in Hugging Face; −100 ignored). Token t is scored on label t+1.
         config: :class:`ProbeConfig` or a mapping of its fields.
-        parts: the model's parts; found with :func:`find_model_parts` when None.
+        parts: the model's parts; when None, found with :func:`find_model_parts` and proven on the first probe
+            batch (:func:`~ee_callbacks.model_parts.prove_on_probe_set`: the readout of the last block must give
+            the model's own logits back, else a ``ModelPartsError`` says what was tried and what to pass).
         readouts: trained exit heads, ``{kind: head}``; each has ``layers`` and ``logits(h, layer)`` (or
             ``confidence(h, layer)`` for a confidence classifier). They get the logit lens' per-layer metrics.
         previous: the ``state`` of the previous record of the same probe set (CKA drift reference).
@@ -73,8 +75,13 @@ def run_probe(model: nn.Module, batches, *, config=None, parts: Optional[ModelPa
     unknown = sorted(set(record_fields) - set(RECORD_FIELDS))
     if unknown:
         raise TypeError(f"run_probe() got unexpected keyword arguments {unknown}; record fields: {list(RECORD_FIELDS)}")
-    probe = _Probe(model, parts, ProbeConfig.from_any(config), readouts, forward_module, readout_context)
+    config = ProbeConfig.from_any(config)
+    probe = _Probe(model, parts, config, readouts, forward_module, readout_context)
     batches = cap_tokens(prepare_batches(batches, probe.input_vocab), probe.config.max_tokens)
+    if parts is None and probe.has_head:  # a structural guess is only a guess (DESIGN §2a): OPT's final norm is
+        # registered before its layers, so the guess reads out without it; the proof finds the model's real readout
+        parts = prove_on_probe_set(probe.model, batches, forward_module=forward_module, readout_context=readout_context)
+        probe = _Probe(model, parts, config, readouts, forward_module, readout_context)
     reference = previous.get("cka_grams", {}) if isinstance(previous, dict) else {}
     rank, world = int(shard[0]), int(shard[1])
     with _isolated(probe.model):

@@ -46,6 +46,14 @@ class TokenTable:
         self.n = len(self.labels)
         self.V = self.logits[0][0].shape[0]
 
+    @classmethod
+    def from_arrays(cls, hidden, logits, labels):
+        """A table of tokens computed elsewhere: per token [h_0..h_L], [z_0..z_L] (float64 arrays) and its label."""
+        table = cls.__new__(cls)
+        table.hidden, table.logits, table.labels = list(hidden), list(logits), [int(y) for y in labels]
+        table.L, table.n, table.V = len(table.logits[0]) - 1, len(table.labels), table.logits[0][0].shape[0]
+        return table
+
     def top1(self, t, layer):
         return int(np.argmax(self.logits[t][layer]))
 
@@ -73,6 +81,15 @@ class TokenTable:
 
     def hidden_cos_final(self, layer):
         return float(np.mean([_cos(self.hidden[t][layer], self.hidden[t][self.L]) for t in range(self.n)]))
+
+    def block_influence(self, layer):
+        """1 − cos(h_{ℓ−1}, h_ℓ) averaged over tokens (ShortGPT), ℓ ≥ 1."""
+        return float(np.mean([1 - _cos(self.hidden[t][layer - 1], self.hidden[t][layer]) for t in range(self.n)]))
+
+    def top2_gap(self, t, layer):
+        """Largest minus second-largest readout logit: a near tie may flip the top-1 under float32 rounding."""
+        top = np.sort(self.logits[t][layer])[::-1]
+        return float(top[0] - top[1])
 
 
 def _js(p, q):
@@ -113,6 +130,12 @@ def strict_saturation(top1_rows, layers):
         bad = [l for l in layers if top1_rows[l][t] != final[t]]
         out.append(layers[layers.index(max(bad)) + 1] if bad else layers[0])
     return out
+
+
+def lenient_saturation(top1_rows, layers):
+    """ℓ° per token: the first of ``layers`` whose top-1 equals the final layer's."""
+    final = top1_rows[layers[-1]]
+    return [next(l for l in layers if top1_rows[l][t] == final[t]) for t in range(len(final))]
 
 
 def eas(similarity, L, alpha):
