@@ -147,6 +147,9 @@ FAMILIES = {
     "opt": Family(_hf("OPTForCausalLM", "OPTConfig", **_OPT),
                   lambda m, h: m.model.decoder.project_out(m.model.decoder.final_layer_norm(h)), _lm_head, "recorded",
                   spread="model.decoder.project_out"),
+    "opt_square": Family(_hf("OPTForCausalLM", "OPTConfig", **{**_OPT, "word_embed_proj_dim": WIDTH}),  # no projection
+                         lambda m, h: m.model.decoder.final_layer_norm(h), _lm_head, "recorded",
+                         spread="model.decoder.final_layer_norm"),
     "opt_post_ln": Family(_hf("OPTForCausalLM", "OPTConfig", **_OPT, do_layer_norm_before=False),  # OPT-350m
                           lambda m, h: m.model.decoder.project_out(h), _lm_head, "recorded",
                           spread="model.decoder.project_out"),
@@ -163,7 +166,9 @@ FAMILIES = {
     "falcon": Family(_hf("FalconForCausalLM", "FalconConfig", vocab_size=V, hidden_size=WIDTH,
                          num_hidden_layers=LAYERS, num_attention_heads=4),
                      lambda m, h: m.transformer.ln_f(h), _lm_head, "loop", "transformer.ln_f", spread="transformer.ln_f"),
-    "bloom": Family(_hf("BloomForCausalLM", "BloomConfig", vocab_size=V, hidden_size=WIDTH, n_layer=LAYERS, n_head=4),
+    # Bloom normalises its embedding (word_embeddings_layernorm): larger blocks make its layers differ
+    "bloom": Family(_hf("BloomForCausalLM", "BloomConfig", vocab_size=V, hidden_size=WIDTH, n_layer=LAYERS, n_head=4,
+                        initializer_range=0.3),
                     lambda m, h: m.transformer.ln_f(h), _lm_head, "loop", "transformer.ln_f", left_padding=False,
                     spread="transformer.ln_f"),
     "qwen2": Family(_hf("Qwen2ForCausalLM", "Qwen2Config", **_GQA), _norm, _lm_head, "recorded"),
@@ -190,8 +195,8 @@ def build(name: str, seed: int = 0) -> nn.Module:
     """The family's tiny model in float32 eval mode, made informative: its norms' weights and biases moved off
     their identity initialisation (so a missing or doubled norm changes the numbers) and its logits spread over a
     few nats (so top-1s, KL and saturation layers mean something) by scaling the untied unembedding, or for a tied
-    one the final norm (scaling a tied unembedding scales the embedding too, and every layer then predicts the
-    input token)."""
+    one the final norm (scaling a tied unembedding scales the embedding too). A tied embedding is shrunk first: at
+    initialisation it dominates the residual stream and every layer then predicts the input token."""
     torch.manual_seed(seed)
     model = FAMILIES[name].build().eval()
     gen = torch.Generator().manual_seed(seed + 1)
@@ -200,6 +205,9 @@ def build(name: str, seed: int = 0) -> nn.Module:
             if "norm" in type(module).__name__.lower():
                 for p in module.parameters(recurse=False):
                     p.add_(0.3 * torch.randn(p.shape, generator=gen))
+        embedding = model.transformer.wte if name == "nanogpt" else model.get_input_embeddings()
+        if model.lm_head.weight is embedding.weight:
+            model.lm_head.weight.mul_(0.1)
         ids = torch.randint(3, V, (2, 8), generator=gen)
         for _ in range(3):  # settle the spread in a few steps (Gemma's norms scale by 1 + w, not w)
             factor = LOGIT_SPREAD / float(_logits(model(ids)).std(dim=-1).mean())

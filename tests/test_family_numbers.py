@@ -71,3 +71,47 @@ def test_probe_equals_the_float64_reference(name):
     for metric in ABSOLUTE + ("hidden",):
         assert got[metric] <= 1e-5, (name, metric, got[metric])
     assert got["skip"] <= 1e-12 or got["saturation"] > 0, (name, got)
+
+
+def _saved_family(path, name: str, rows) -> None:
+    """``save_pretrained`` of a family's tiny model and of a word-level tokenizer whose word ``w<i>`` is token i."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tests.family_reference import V
+
+    build(name).save_pretrained(path)
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0").save_pretrained(path)
+    (path / "probe.txt").write_text(" ".join(f"w{int(i)}" for i in rows.reshape(-1)))
+
+
+def test_ee_analyze_on_a_saved_opt_directory_equals_run_probe_and_the_reference(tmp_path):
+    """OPT (final norm registered before its layers, then project_out) saved with save_pretrained: ee-analyze's record
+    equals run_probe's on the same tokens, and both equal the float64 reference."""
+    import torch
+    import transformers
+
+    from ee_callbacks import read_records
+    from ee_callbacks.analyze import main as analyze_main
+
+    rows = torch.randint(3, 96, (4, 16), generator=torch.Generator().manual_seed(5))
+    _saved_family(tmp_path / "opt", "opt", rows)
+    # 4 rows of 16 tokens: the whole text is the probe set, in order, one batch of 4
+    assert analyze_main([str(tmp_path / "opt"), "--out", str(tmp_path / "out"), "--probe-text",
+                         str(tmp_path / "opt" / "probe.txt"), "--seq-len", "16", "--probe-sequences", "4",
+                         "--batch-size", "4", "--no-progress", "--logger", "none"]) == 0
+    (analysed,) = read_records(tmp_path / "out" / "ee_probes.jsonl")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "opt").eval()
+    direct = run_probe(model, [rows]).to_dict()
+    assert analysed["model"]["parts"]["final_norm"] == "model.decoder.final_layer_norm,model.decoder.project_out"
+    assert analysed["probe"]["tokens"] == direct["probe"]["tokens"] == 4 * 15
+    for got, want in zip(analysed["layers"], direct["layers"], strict=True):
+        assert got == pytest.approx(want, abs=1e-6), got["layer"]
+    for key in ("oracle_skip_strict", "oracle_skip_lenient", "static_skip_5pct", "eas", "final_ce"):
+        assert analysed["summary"][key] == pytest.approx(direct["summary"][key], abs=1e-9), key
+    table = reference_table("opt", model, [rows])
+    for row in analysed["layers"]:
+        for metric in RELATIVE:
+            assert relative_error(row[metric], table.lens(metric, row["layer"]), floor=1e-2) <= 1e-4, row["layer"]
