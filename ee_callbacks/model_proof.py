@@ -277,6 +277,9 @@ def _check_lines_up(model, logits, h) -> None:
         why = "it holds several residual streams (hyper-connections), not one hidden state per position"
     elif tuple(h.shape[:2]) == tuple(logits.shape[:2])[::-1]:
         why = "it is laid out (positions, batch), not (batch, positions)"
+    elif logits.dim() == 3 and logits.shape[:1] == h.shape[:1] and logits.shape[1] == 1 < h.shape[1]:
+        why = ("the forward returned logits for the last position only (nanoGPT does so when called without "
+               "targets): make it return logits at every position (Hugging Face models: logits_to_keep=0)")
     else:
         why = ("it covers other positions than the logits (a prompt or extra streams the model adds, or logits "
                "kept for the last positions only: call it with logits_to_keep=0)")

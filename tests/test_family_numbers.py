@@ -115,3 +115,17 @@ def test_ee_analyze_on_a_saved_opt_directory_equals_run_probe_and_the_reference(
     for row in analysed["layers"]:
         for metric in RELATIVE:
             assert relative_error(row[metric], table.lens(metric, row["layer"]), floor=1e-2) <= 1e-4, row["layer"]
+
+
+def test_a_model_returning_the_last_positions_logits_only_is_refused_clearly():
+    """nanoGPT's own forward computes logits for the last position only when called without targets."""
+    from ee_callbacks.model_parts import ModelPartsError
+    from tests.family_reference import NanoGPT
+
+    class LastPositionOnly(NanoGPT):
+        def forward(self, idx, targets=None):
+            logits, loss = super().forward(idx, targets)
+            return (logits if targets is not None else logits[:, [-1], :]), loss
+
+    with pytest.raises(ModelPartsError, match="logits for the last position only .* at every position"):
+        run_probe(LastPositionOnly().eval(), probe_batches())
