@@ -3,8 +3,8 @@
 For each family (tied and untied heads, LayerNorm with bias and RMSNorm, parallel residuals, OPT's final norm plus
 ``project_out`` and its post-LN variant, Gemma's scaled embeddings and final soft-cap, Cohere's and Granite's logit
 scales, MoE, state-space models, a hand-written nanoGPT) and a probe set with right and left padding and labels
-holding −100: every per-layer lens figure, the hidden-state similarities, the saturation layers and the oracle and
-static skips. Tolerances: 1e-4 relative on CE/KL/entropy (float32 against float64), exact counts of agree/acc and
+holding −100: every per-layer lens figure, the hidden-state similarities, the saturation layers, the oracle and
+static skips, EAS and the max_prob and patience exit curves. Tolerances: 1e-4 relative on CE/KL/entropy (float32 against float64), exact counts of agree/acc and
 exact saturation layers except on tokens whose top-2 logits are a float32 rounding apart (none were, at these seeds).
 """
 
@@ -60,7 +60,26 @@ def measure(name: str) -> dict:
     if not tied_tokens:
         assert summary["static_skip_5pct"] == pytest.approx(1 - static_exit_layer(acc, L) / L, abs=1e-12)
     assert summary["final_ce"] == pytest.approx(table.lens("ce", L), rel=1e-4)
+    similarity = {layer: table.lens("logit_corr", layer) for layer in layers}
+    assert summary["eas"] == pytest.approx(ref.eas(similarity, L, 0.5), abs=1e-5)
+    if not tied_tokens:
+        out["exits"] = _exit_curve_error(record["curves"], table, layers)
     return out
+
+
+def _exit_curve_error(curves: dict, table, layers: list) -> float:
+    """Largest |Δ| over the (skip, consistency, acc) points of the default max_prob rule and patience curves."""
+    worst = 0.0
+    for point in curves["max_prob"]:
+        exits = ref.threshold_exits(table, lambda t, l: table.token_metric("max_prob", table.logits[t][l], t),
+                                    lambda score, lam=point["threshold"]: score >= lam, layers[0])
+        want = ref.exit_point(exits, [table.top1(t, e) for t, e in enumerate(exits)], table)
+        worst = max(worst, *(abs(g - w) for g, w in zip((point["skip"], point["consistency"], point["acc"]), want)))
+    for point in curves["patience"]:
+        exits = ref.patience_exits(table, int(point["threshold"]), layers[0])
+        want = ref.exit_point(exits, [table.top1(t, e) for t, e in enumerate(exits)], table)
+        worst = max(worst, *(abs(g - w) for g, w in zip((point["skip"], point["consistency"], point["acc"]), want)))
+    return worst
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -71,6 +90,7 @@ def test_probe_equals_the_float64_reference(name):
     for metric in ABSOLUTE + ("hidden",):
         assert got[metric] <= 1e-5, (name, metric, got[metric])
     assert got["skip"] <= 1e-12 or got["saturation"] > 0, (name, got)
+    assert got.get("exits", 0.0) <= 1e-12, (name, got["exits"])
 
 
 def _saved_family(path, name: str, rows) -> None:
