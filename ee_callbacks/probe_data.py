@@ -93,7 +93,7 @@ def _rows_from_item(item) -> dict:
     return fields
 
 
-def _drops_padding(item) -> bool:
+def tuple_marks_padding(item) -> bool:
     """Whether a tuple/list item (whose first tensor is read as input_ids: a tuple names nothing else) carries another
     tensor of that shape that marks positions out: a 0/1 mask with zeros, or labels with negative (ignored) entries."""
     if not isinstance(item, (tuple, list)) or not item or not isinstance(item[0], torch.Tensor):
@@ -131,12 +131,12 @@ def draw_probe_set(source, n_sequences: int, seq_len: Optional[int] = None, seed
             # a map-style dataset: its first rows, in order (the same pool a non-shuffled loader would give)
             for i in range(min(len(source), pool)):
                 item = source[i]
-                dropped = dropped or _drops_padding(item)
+                dropped = dropped or tuple_marks_padding(item)
                 rows.append(_rows_from_item(item))
         else:
             count = 0
             for item in source:
-                dropped = dropped or _drops_padding(item)
+                dropped = dropped or tuple_marks_padding(item)
                 rows.append(_rows_from_item(item))
                 count += rows[-1]["input_ids"].shape[0]
                 if count >= pool:

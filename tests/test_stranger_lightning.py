@@ -341,8 +341,11 @@ def test_tuple_batches_train_and_a_tuple_with_a_mask_warns_that_it_is_not_read(t
     train = DataLoader(TensorDataset(ids, labels, mask), batch_size=4)
     module = HFLM()
     probe, heads = probe_callbacks(probe_data=None, probe_set={"sequences": 4})
-    with pytest.warns(RuntimeWarning, match="only their first item is read"):
+    with pytest.warns(RuntimeWarning) as caught:
         fit(tmp_path, module, train, DataLoader(TensorDataset(*padded(8, 1)), batch_size=4), callbacks=[probe, heads])
+    messages = [str(w.message) for w in caught]
+    assert any("probe data yields tuples: only their first item is read" in m for m in messages)
+    assert sum("ExitHeads: tuple batches name only their first item" in m for m in messages) == 1
     assert [r["step"] for r in read_records(tmp_path / "ee_probes.jsonl")] == [0, 2, 4]
     # (ids, ids) and nanoGPT's shifted (x, y) tuples mark nothing out: no warning, and their first item is the text
     import warnings

@@ -16,6 +16,7 @@ from ..cadence import CostMeter
 from ..capture import first_tensor
 from ..distributed import probe_forward_target, readout_context_factory
 from ..heads_optim import OptimSettings
+from ..probe_data import tuple_marks_padding
 from ..model_parts import ModelPartsError, find_language_model, find_model_parts, prove_model_parts
 from ..readouts import (
     HEAD_KINDS,
@@ -391,6 +392,10 @@ class ExitHeads(Callback):
             return  # not a step the heads train on: no capture, no cost
         with self.costs.measure("capture"):
             self._batch_info = _batch_tokens(batch)
+            if self.head_steps == 0 and tuple_marks_padding(batch):  # checked until the heads first step
+                self._warn_once("tuple", "ExitHeads: tuple batches name only their first item (read as input_ids): "
+                                "the heads also train on the padding or ignored labels another of their tensors "
+                                "marks; yield dicts {'input_ids', 'attention_mask', 'labels'}")
         self._sample_key = (int(trainer.global_step), int(batch_idx))
         self._armed = True
 
