@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -68,86 +69,97 @@ def preserved_rng():
         random.setstate(py_state)
 
 
-def _rows_from_item(item) -> tuple:
-    """(input_ids (B, T), attention_mask or None) from a batch/dataset item."""
+def _rows_from_item(item) -> dict:
+    """``{"input_ids": (B, T), "attention_mask": ..., "labels": ...}`` (the last two when the item has them) from a
+    batch or dataset item: a tensor, a mapping with ``input_ids``, or a tuple/list whose first item is the ids."""
     if isinstance(item, torch.Tensor):
-        ids = item
-        mask = None
+        fields = {"input_ids": item}
     elif isinstance(item, Mapping):
         if "input_ids" not in item:
             raise ValueError(f"probe data items need 'input_ids'; got keys {list(item.keys())}")
-        ids, mask = item["input_ids"], item.get("attention_mask")
+        fields = {key: item[key] for key in ("input_ids", "attention_mask", "labels") if item.get(key) is not None}
     elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
-        ids, mask = item[0], None
+        fields = {"input_ids": item[0]}
     else:
         raise TypeError(
             f"probe data must yield LongTensors or dicts with 'input_ids', got {type(item).__name__}"
         )
-    ids = torch.as_tensor(ids)
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-        mask = torch.as_tensor(mask).unsqueeze(0) if mask is not None else None
-    return ids, (torch.as_tensor(mask) if mask is not None else None)
+    fields = {key: torch.as_tensor(value) for key, value in fields.items()}
+    # a mask or labels not shaped like the ids (a classification label per row) is not the probe's
+    fields = {key: value for key, value in fields.items()
+              if key == "input_ids" or value.shape == fields["input_ids"].shape}
+    if fields["input_ids"].dim() == 1:
+        fields = {key: value.unsqueeze(0) for key, value in fields.items()}
+    return fields
+
+
+def tuple_marks_padding(item) -> bool:
+    """Whether a tuple/list item (whose first tensor is read as input_ids: a tuple names nothing else) carries another
+    tensor of that shape that marks positions out: a 0/1 mask with zeros, or labels with negative (ignored) entries."""
+    if not isinstance(item, (tuple, list)) or not item or not isinstance(item[0], torch.Tensor):
+        return False
+    for x in item[1:]:
+        if isinstance(x, torch.Tensor) and x.shape == item[0].shape and not x.is_floating_point() and x.numel():
+            x = x.long()
+            if bool((x < 0).any()) or (int(x.min()) == 0 and int(x.max()) <= 1):
+                return True
+    return False
 
 
 def draw_probe_set(source, n_sequences: int, seq_len: Optional[int] = None, seed: int = 0,
                    batch_size: int = 8, pool_factor: int = 4) -> list:
     """Draw a fixed probe set once: ``n_sequences`` rows chosen with a seeded generator.
 
-    ``source``: a LongTensor (N, T), a map-style dataset, a DataLoader or any iterable of batches. Whatever the
-    container, the first ``pool_factor × n_sequences`` rows form the pool, so a tensor of validation blocks and a
-    non-shuffled loader over them give the same probe set. Rows are cut to ``seq_len`` tokens and grouped in
-    batches of ``batch_size`` dicts (``input_ids``, ``attention_mask`` when the source has one). The global RNG
-    streams are left untouched (iterating a DataLoader draws a seed from them).
+    ``source``: a LongTensor (N, T), one batch ``{"input_ids": (N, T), ...}``, a map-style dataset, a DataLoader or
+    any iterable of batches. Whatever the container, the first ``pool_factor × n_sequences`` rows form the pool, so a
+    tensor of validation blocks and a non-shuffled loader over them give the same probe set. Rows are cut to
+    ``seq_len`` tokens and grouped in batches of ``batch_size`` dicts: ``input_ids``, and ``attention_mask`` and
+    ``labels`` when the source has them (so padding and ignored labels, −100, are not scored; a tuple batch names
+    neither, only its first item is read). The global RNG streams are left untouched (iterating a DataLoader draws
+    a seed from them).
     """
     if n_sequences < 1:
         raise ValueError(f"probe_sequences must be ≥ 1, got {n_sequences}")
     gen = torch.Generator().manual_seed(int(seed))
     pool = pool_factor * n_sequences
     with preserved_rng():
-        rows, masks = [], []
-        if isinstance(source, torch.Tensor):
-            ids, mask = _rows_from_item(source)
-            rows, masks = [ids[:pool]], [mask[:pool] if mask is not None else None]
+        rows, dropped = [], False
+        if isinstance(source, (torch.Tensor, Mapping)):  # one tensor, or one batch {"input_ids": ..., ...}
+            rows = [{key: value[:pool] for key, value in _rows_from_item(source).items()}]
         elif hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, (list, tuple)) \
                 and not hasattr(source, "batch_size"):
             # a map-style dataset: its first rows, in order (the same pool a non-shuffled loader would give)
             for i in range(min(len(source), pool)):
-                ids, mask = _rows_from_item(source[i])
-                rows.append(ids)
-                masks.append(mask)
+                item = source[i]
+                dropped = dropped or tuple_marks_padding(item)
+                rows.append(_rows_from_item(item))
         else:
             count = 0
             for item in source:
-                ids, mask = _rows_from_item(item)
-                rows.append(ids)
-                masks.append(mask)
-                count += ids.shape[0]
+                dropped = dropped or tuple_marks_padding(item)
+                rows.append(_rows_from_item(item))
+                count += rows[-1]["input_ids"].shape[0]
                 if count >= pool:
                     break
+        if dropped:
+            warnings.warn("the probe data yields tuples: only their first item is read (as input_ids), so the padding "
+                          "or ignored labels marked in another of its tensors are scored as text. Yield dicts "
+                          "{'input_ids', 'attention_mask', 'labels'} or pass probe_data= (e.g. a dict of tensors)",
+                          RuntimeWarning, stacklevel=2)
         if not rows:
             raise ValueError("the probe data yielded no rows: give probe_data or a non-empty validation set")
-        width = min(r.shape[1] for r in rows)
+        width = min(r["input_ids"].shape[1] for r in rows)
         if seq_len is not None:
             width = min(width, int(seq_len))
         if width < 2:
             raise ValueError(f"probe sequences must have at least 2 tokens, got {width}; raise seq_len")
-        ids = torch.cat([r[:, :width] for r in rows]).long()[:pool]
-        has_mask = any(m is not None for m in masks)
-        if has_mask:
-            mask = torch.cat([
-                (m[:, :width] if m is not None else torch.ones(r.shape[0], width, dtype=torch.long))
-                for r, m in zip(rows, masks)
-            ])[:pool]
-        if ids.shape[0] > n_sequences:
-            pick = torch.randperm(ids.shape[0], generator=gen)[:n_sequences].sort().values
-            ids = ids[pick]
-            if has_mask:
-                mask = mask[pick]
-    batches = []
-    for start in range(0, ids.shape[0], batch_size):
-        batch = {"input_ids": ids[start : start + batch_size]}
-        if has_mask:
-            batch["attention_mask"] = mask[start : start + batch_size]
-        batches.append(batch)
-    return batches
+        # rows without a mask are all text, rows without labels are labelled by their own ids
+        fill = {"input_ids": None, "attention_mask": torch.ones_like, "labels": lambda ids: ids}
+        drawn = {key: torch.cat([(r[key] if key in r else fill[key](r["input_ids"]))[:, :width] for r in rows]
+                                ).long()[:pool]
+                 for key in fill if any(key in r for r in rows)}
+        if drawn["input_ids"].shape[0] > n_sequences:
+            pick = torch.randperm(drawn["input_ids"].shape[0], generator=gen)[:n_sequences].sort().values
+            drawn = {key: value[pick] for key, value in drawn.items()}
+    return [{key: value[start : start + batch_size] for key, value in drawn.items()}
+            for start in range(0, drawn["input_ids"].shape[0], batch_size)]

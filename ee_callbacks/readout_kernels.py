@@ -64,8 +64,9 @@ def top2(z: torch.Tensor):
     n, V = z.shape
     S = _TOP2_BLOCK
     if V < 4 * S or n == 0 or z.stride(-1) != 1:
-        top_v, top_i = z.topk(2 if V > 1 else 1, dim=-1)
-        return top_v[:, 0], top_i[:, 0], (top_v[:, 1] if V > 1 else None)
+        top_v = z.topk(2 if V > 1 else 1, dim=-1).values
+        # topk's index among equal maxima is arbitrary; argmax's is the first (half-precision logits do tie)
+        return top_v[:, 0], z.argmax(dim=-1), (top_v[:, 1] if V > 1 else None)
     B = V // S
     bmax = z[:, : B * S].unflatten(1, (B, S)).amax(dim=-1)  # (n, B)
     if B * S < V:

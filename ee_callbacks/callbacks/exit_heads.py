@@ -16,6 +16,7 @@ from ..cadence import CostMeter
 from ..capture import first_tensor
 from ..distributed import probe_forward_target, readout_context_factory
 from ..heads_optim import OptimSettings
+from ..probe_data import tuple_marks_padding
 from ..model_parts import ModelPartsError, find_language_model, find_model_parts, prove_model_parts
 from ..readouts import (
     HEAD_KINDS,
@@ -82,7 +83,9 @@ class ExitHeads(Callback):
         kinds: head kinds to train, a subset of ``tuned_lens``, ``linear``, ``mlp``, ``confidence``.
         layers: blocks with a head: None (all of 1..L−1), an int stride k (k, 2k, …), or a list of block indices.
         max_tokens: positions sampled per training micro-batch (None: all valid positions).
-        every_n_steps: train the heads on every this-many-th optimizer step only (1: every step).
+        every_n_steps: train the heads on every this-many-th optimizer step only (1: every step); when a batch moves
+            ``global_step`` past a multiple (manual optimization with several optimizers), on the first step reached
+            past it.
         stack_elements: the most readout-logit elements (layers × tokens × V) one stacked matmul may produce.
         objective: ``kl`` (KL(p_L ‖ p_head), the tuned-lens objective) or ``ce`` (next-token cross-entropy) for the
             logits kinds.
@@ -187,6 +190,8 @@ class ExitHeads(Callback):
         self._batch_info: Optional[tuple] = None
         self._sample_key = (0, 0)
         self._step_at_start = 0
+        self._heads_choice: Optional[tuple] = None  # (a batch's start step, whether the heads train on it)
+        self._start_before: Optional[int] = None  # the start step before the first batch (restored on resume)
         self._micro_batches = 0
         self._loss_sums: dict = {}
         self._loss_counts: dict = {}
@@ -211,11 +216,13 @@ class ExitHeads(Callback):
             "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
             "scheduler": self._scheduler.state_dict() if self._scheduler is not None else None,
             "head_steps": self.head_steps,
+            "last_start_step": self._heads_choice[0] if self._heads_choice is not None else self._start_before,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:
             return
+        self._start_before = state_dict.get("last_start_step")
         if self.heads is None:  # DDP / single device: Lightning restores callbacks before on_fit_start
             self._pending_state = dict(state_dict)
         else:  # FSDP / DeepSpeed: after on_fit_start built the heads
@@ -385,11 +392,24 @@ class ExitHeads(Callback):
             return  # not a step the heads train on: no capture, no cost
         with self.costs.measure("capture"):
             self._batch_info = _batch_tokens(batch)
+            if self.head_steps == 0 and tuple_marks_padding(batch):  # checked until the heads first step
+                self._warn_once("tuple", "ExitHeads: tuple batches name only their first item (read as input_ids): "
+                                "the heads also train on the padding or ignored labels another of their tensors "
+                                "marks; yield dicts {'input_ids', 'attention_mask', 'labels'}")
         self._sample_key = (int(trainer.global_step), int(batch_idx))
         self._armed = True
 
     def _heads_step(self, step: int) -> bool:
-        return step % self.every_n_steps == 0
+        """Whether the heads train on the batches starting at optimizer step ``step``: the first step reached in each
+        block of ``every_n_steps`` (a multiple of it, unless a batch jumped past one: manual optimization stepping
+        several optimizers moves ``global_step`` by more than one per batch). Decided once per step, so every
+        micro-batch of an accumulated step gets the same answer."""
+        if self._heads_choice is None or self._heads_choice[0] != step:
+            before = self._heads_choice[0] if self._heads_choice is not None else self._start_before
+            n = self.every_n_steps
+            chosen = step % n == 0 or (before is not None and before < step and before // n < step // n)
+            self._heads_choice = (step, chosen)
+        return self._heads_choice[1]
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if self.heads is None or trainer.sanity_checking:

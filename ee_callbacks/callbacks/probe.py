@@ -68,15 +68,18 @@ class EarlyExitProbe(Callback):
     ``EarlyStopping(monitor=...)`` see the latest probe's values like any logged metric.
 
     Args:
-        every_n_steps: probe every this many optimizer steps (> 0); with an adaptive ``cadence``, the densest.
+        every_n_steps: probe every this many optimizer steps (> 0); with an adaptive ``cadence``, the densest. A batch
+            that moves ``global_step`` past a multiple (manual optimization stepping two optimizers) probes once, at
+            the step it reached.
         cadence: None (fixed cadence), or adaptive: a fraction of wall time (``max_overhead``, e.g. 0.02) or a mapping
             ``{"max_overhead": 0.02, "max_every_n_steps": 400}``. After each probe the gap to the next one is chosen
             so that probing (the probe and its sinks, as measured) takes at most this share of the run's wall time,
             given the training steps' measured wall time (:class:`~ee_callbacks.cadence.AdaptiveCadence`), never
             sparser than ``max_every_n_steps`` (None: unbounded); every decision is logged (``ee/cadence/*``) and
             kept in ``cadence_decisions``.
-        probe_data: a LongTensor (N, T), a dataset, a DataLoader, or a dict ``{set name: one of those}`` for
-            several named probe sets ("workloads"). Default: drawn from the validation dataloader.
+        probe_data: a LongTensor (N, T), one batch ``{"input_ids", "attention_mask", "labels"}``, a dataset, a
+            DataLoader, or a dict ``{set name: one of those}`` for several named probe sets ("workloads"). Default:
+            drawn from the validation dataloader (dict batches keep their mask and labels; see ``draw_probe_set``).
         probe_set: how each probe set is drawn, a :class:`~ee_callbacks.probe_data.ProbeSetSettings` or a mapping of
             some of its keys: ``sequences`` (per set, drawn once, seeded; 32), ``seq_len`` (cut sequences to this
             many tokens; None), ``seed`` (of the draw; 0), ``batch_size`` (sequences per forward batch; 8).
@@ -174,6 +177,7 @@ class EarlyExitProbe(Callback):
         self.last_records: dict = {}
         self.costs = CostMeter()  # wall/CPU seconds per piece: probe, records, loggers, wandb (see cost_summary)
         self._probe_ended: Optional[tuple] = None  # (perf_counter, global_step) when the last probe finished
+        self._step_at_batch_start: Optional[int] = None
 
     # ------------------------------------------------------------------ identity / state
     @property
@@ -294,11 +298,18 @@ class EarlyExitProbe(Callback):
         if self.probe_at_start and trainer.global_step == 0 and self.last_probe_step is None:
             self._probe(trainer, pl_module)
 
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx) -> None:
+        self._step_at_batch_start = int(trainer.global_step)
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step == 0 or self.last_probe_step == step:
             return  # under gradient accumulation global_step only moves on optimizer steps: probe once per step
-        due = self.cadence.due(step) if self.cadence is not None else step % self.every_n_steps == 0
+        # a batch may move global_step by more than one (manual optimization stepping two optimizers): probe when it
+        # passed a multiple of every_n_steps, not only when it landed on one
+        before = self._step_at_batch_start if self._step_at_batch_start is not None else step - 1
+        due = self.cadence.due(step) if self.cadence is not None else \
+            step // self.every_n_steps > min(before, step - 1) // self.every_n_steps
         if due:
             self._probe(trainer, pl_module)
 
