@@ -91,11 +91,14 @@ def run_probe(model: nn.Module, batches, *, config=None, parts: Optional[ModelPa
     suite = probe.suite or probe.build_suite(first_layer=1, reference=reference)
     suite.reduce(reduce)
     counts = suite["counts"].compute()
+    if counts["batches"] and counts["nonfinite_tokens"] and counts["tokens"] == 0:
+        raise ValueError(f"all {counts['nonfinite_tokens']} probe tokens have non-finite (NaN/inf) final logits: the "
+                         "model has diverged or its weights are not finite; there is nothing to measure")
     if counts["batches"] == 0 or counts["tokens"] == 0:
         raise ValueError("the probe saw no token with a next-token label")
     if counts["nonfinite_tokens"]:
         warnings.warn(f"ee_callbacks: {counts['nonfinite_tokens']} probe tokens have non-finite final logits; "
-                      "affected metrics are null", RuntimeWarning)
+                      "they are left out of every figure (record probe.nonfinite_tokens)", RuntimeWarning)
     with probe.readout_context():
         record = build_record(probe, suite, counts)
     record.step, record.epoch = int(record_fields.get("step", 0)), int(record_fields.get("epoch", 0))
@@ -221,9 +224,16 @@ class _Probe:
             states, logits, targets = self._forward(batch, rows)
             if self.suite is None:
                 self.build_suite(0 if states[0] is not None else 1, reference)
-            self.suite["counts"].update(batches=1, batches_without_h0=states[0] is None, sequences=sequences_seen)
-            sequences_seen = 0
             selected = valid.reshape(-1).to(self.device)
+            nonfinite = 0
+            if logits is not None:  # a token with NaN/inf final logits (a diverged model) has no reference to
+                # compare a layer with: left out of every figure and counted (an all-NaN argmax would "agree")
+                finite = torch.isfinite(logits.reshape(-1, logits.shape[-1]).sum(dim=-1))
+                nonfinite = int((selected & ~finite).sum())
+                selected = selected & finite
+            self.suite["counts"].update(batches=1, batches_without_h0=states[0] is None, sequences=sequences_seen,
+                                        nonfinite_tokens=nonfinite)
+            sequences_seen = 0
             if cka_mask is not None:
                 chosen = cka_mask[rows].reshape(-1).to(self.device)
                 cka_features.append([s.reshape(-1, s.shape[-1])[chosen] if s is not None else None for s in states])
@@ -289,7 +299,6 @@ class _Probe:
     def _update_chunk(self, states: list, final: FinalChunk, sequences: torch.Tensor) -> None:
         """Every readout's per-token statistics per layer → the per-layer families; then the token-level ones."""
         L, n = self.n_layers, final.targets.shape[0]
-        self.suite["counts"].update(nonfinite_tokens=int((~torch.isfinite(final.lse)).sum()))
         top1 = torch.zeros(L + 1, n, dtype=torch.long, device=final.targets.device)
         scores = {rule: torch.zeros(L + 1, n, dtype=torch.float32, device=top1.device) for rule in SCORE_RULES}
         for layer in self.lens_layers:  # unprobed blocks get no readout at all

@@ -93,6 +93,24 @@ def _rows_from_item(item) -> dict:
     return fields
 
 
+def aligned_labels(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` in Hugging Face's alignment (label t is token t; the probe scores position t on label t+1).
+
+    Labels equal to the ids wherever they are not ignored (−100) already are. Labels equal to the *next* ids instead
+    (``y = x`` shifted by one, as nanoGPT-style data hands them over, here under the key ``labels``) are shifted right
+    by one, so that position t is still scored on token t+1 and not on token t+2; the label after the last position
+    has no input and is dropped. Anything else (other targets of the same shape) is taken as aligned."""
+    kept = labels != -100
+    if bool((labels[kept] == ids[kept]).all()):
+        return labels
+    ahead, kept_ahead = labels[:, :-1], kept[:, :-1]
+    if bool(kept_ahead.any()) and bool((ahead[kept_ahead] == ids[:, 1:][kept_ahead]).all()):
+        aligned = torch.full_like(labels, -100)
+        aligned[:, 1:] = ahead
+        return aligned
+    return labels
+
+
 def tuple_marks_padding(item) -> bool:
     """Whether a tuple/list item (whose first tensor is read as input_ids: a tuple names nothing else) carries another
     tensor of that shape that marks positions out: a 0/1 mask with zeros, or labels with negative (ignored) entries."""
@@ -161,5 +179,7 @@ def draw_probe_set(source, n_sequences: int, seq_len: Optional[int] = None, seed
         if drawn["input_ids"].shape[0] > n_sequences:
             pick = torch.randperm(drawn["input_ids"].shape[0], generator=gen)[:n_sequences].sort().values
             drawn = {key: value[pick] for key, value in drawn.items()}
+        if "labels" in drawn:
+            drawn["labels"] = aligned_labels(drawn["input_ids"], drawn["labels"])
     return [{key: value[start : start + batch_size] for key, value in drawn.items()}
             for start in range(0, drawn["input_ids"].shape[0], batch_size)]

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from ee_callbacks import EarlyExitProbe, read_records, run_probe
 from ee_callbacks.callbacks.probe import draw_probe_set
-from tests.helpers import TinyLM, loaders, pattern_tokens
+from tests.helpers import TinyLM, loaders, pattern_tokens, tiny_gpt2
 
 
 def _trainer(tmp_path, callbacks, max_steps=30, logger=False, **kw):
@@ -206,6 +206,32 @@ def test_draw_is_the_same_from_tensor_dataset_and_loader():
     flat = [torch.cat([x["input_ids"] for x in d]) for d in (a, b, c)]
     assert torch.equal(flat[0], flat[1]) and torch.equal(flat[0], flat[2])
     assert len(set(flat[0][:, 0].tolist())) == 10 and flat[0][:, 0].max() < 160  # from the first 40 rows
+
+
+def test_drawn_labels_are_aligned_as_hugging_face_aligns_them_whatever_the_data_hands_over():
+    """Dict batches keep their labels: aligned labels (-100 where ignored) stay; labels that are the next tokens
+    (nanoGPT's y under the key 'labels') are shifted back, so the probe scores the same tokens as from the ids."""
+    ids = pattern_tokens(12, 10, 64, 3)
+    aligned = ids.clone()
+    aligned[:, :4] = -100  # an ignored prompt
+    ahead = torch.roll(ids, -1, dims=1)  # y_t = x_{t+1}
+    other = (ids * 7 + 1) % 64  # other targets of the same shape: taken as given
+
+    def drawn(labels):
+        rows = [{"input_ids": ids[i], "labels": labels[i]} for i in range(len(ids))]
+        return draw_probe_set(rows, 6, seed=0)[0]
+
+    pick = drawn(aligned)["input_ids"]
+    rows = [int((ids == row).all(dim=1).nonzero()) for row in pick]
+    assert torch.equal(drawn(aligned)["labels"], aligned[rows])
+    shifted = drawn(ahead)["labels"]
+    assert torch.equal(shifted[:, 0], torch.full((6,), -100)) and torch.equal(shifted[:, 1:], ids[rows][:, 1:])
+    assert torch.equal(drawn(other)["labels"], other[rows])
+    model = tiny_gpt2(vocab=64, layers=2, hidden=32, dropout=0.0, seed=0)
+    plain = run_probe(model, [{"input_ids": pick}], config={"metrics": ["lens"]})
+    with_ahead = run_probe(model, [drawn(ahead)], config={"metrics": ["lens"]})
+    assert plain.probe["tokens"] == with_ahead.probe["tokens"] == 6 * 9
+    assert [r["ce"] for r in plain.layers] == pytest.approx([r["ce"] for r in with_ahead.layers], rel=1e-6)
 
 
 def test_tensorboard_logger_gets_every_scalar(tmp_path):

@@ -230,3 +230,23 @@ def test_exit_heads_drop_non_finite_tokens_like_the_logit_lens(model, heads):
     for rule, curve in clean["curves"].items():
         for got, want in zip(bad["curves"][rule], curve):
             assert got == pytest.approx(want, abs=1e-12), rule
+    # ... and out of every per-layer figure: an all-NaN readout's argmax (0) must not count as agreeing
+    assert bad["probe"]["tokens"] == clean["probe"]["tokens"]
+    for got, want in zip(bad["layers"], clean["layers"]):
+        for key, value in want.items():
+            if isinstance(value, float):
+                assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (want["layer"], key)
+
+
+def test_a_diverged_model_is_reported_as_such_not_as_perfect_early_exit(model):
+    """Every final logit NaN: no figure can be computed, and the error says why (the callback turns it into a
+    warning and training goes on)."""
+    def poison(module, args, output):
+        output.logits.fill_(float("nan"))
+
+    handle = model.register_forward_hook(poison)
+    try:
+        with pytest.raises(ValueError, match=r"all \d+ probe tokens have non-finite \(NaN/inf\) final logits"):
+            run_probe(model, _batches()[:1])
+    finally:
+        handle.remove()
