@@ -1,6 +1,7 @@
 """``ee-analyze``: run the same probe over a series of saved checkpoints.
 
-    ee-analyze SOURCE [SOURCE ...] --out DIR [--revisions r1,r2,...] [--probe-text FILE] [--heads DIR] [--report]
+    ee-analyze SOURCE [SOURCE ...] --out DIR [--revisions r1,r2,...] [--model-config DIR] [--model-attr NAME]
+               [--probe-text FILE | --probe-tokens FILE] [--tokenizer DIR] [--heads DIR] [--report]
                [--speculate [--spec-prompts 8] [--spec-new-tokens 32] [--spec-pairs E:k,...]]
                [--device cuda] [--dtype bfloat16] [--trust-remote-code]
 
@@ -8,7 +9,12 @@ Each SOURCE is one of:
 
 - a ``train.py`` run directory (``DIR/checkpoints/*.ckpt``): the model is rebuilt from the run's saved config and
   every checkpoint is probed on the run's own probe set (same data config, same seed and size as the callback's);
-- a single Lightning ``.ckpt`` written by ``train.py``;
+- a Lightning ``.ckpt``, or a directory of them (one per step, in step order; ``last.ckpt`` links and copies of a
+  step already there are left out): one written by ``train.py`` carries its architecture; for one's own
+  LightningModule it comes from ``--model-config`` (a Hugging Face ``config.json`` or its directory) or from a
+  Hugging Face config saved with ``save_hyperparameters()``, and the weights are found by name under whichever
+  attribute holds the model (``--model-attr`` to choose one);
+- a bare weights file (``.pt``/``.pth``/``.bin``/``.safetensors``) with ``--model-config``;
 - a local Hugging Face model directory (``config.json``), or a directory of them (``checkpoint-*``/``step*``);
 - a GGUF file (dequantised once by transformers, cached as safetensors under the cache directory);
 - a Hugging Face hub id with ``--revisions`` (e.g. ``EleutherAI/pythia-70m --revisions step1000,step2000``): needs

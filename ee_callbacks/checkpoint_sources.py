@@ -8,7 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
+import types
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -131,22 +134,57 @@ def _run_config(run_dir: Path) -> Optional[dict]:
     return None
 
 
+class _Unimportable:
+    """Stands in for an object whose class the analysing process cannot import (a config class defined in the
+    training script, saved by ``save_hyperparameters()``): its state is kept, the weights load."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.__dict__["state"] = state
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_Unimportable,), {"__module__": f"unimportable.{module}"})
+
+
+def _torch_load(path: Path):
+    """``torch.load`` of a whole file; objects of classes this process cannot import load as stand-ins (with a
+    warning) instead of failing the checkpoint."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as err:
+        warnings.warn(f"{path}: {err}; the objects of classes that cannot be imported here are replaced by "
+                      "stand-ins (only the weights are needed)", RuntimeWarning)
+        lenient = types.SimpleNamespace(__name__="pickle", Unpickler=_LenientUnpickler, load=pickle.load)
+        return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=lenient)
+
+
 def _load_lightning_ckpt(path: Path, run_cfg: Optional[dict], options: LoadOptions = LoadOptions()):
     """Rebuild the model of a Lightning checkpoint and load its weights (every weight, or an error): a train.py
     checkpoint from its saved zoo config, any other from ``options.model_config`` or a Hugging Face config found in
     its hyper_parameters (:func:`_foreign_model`)."""
     from .training.zoo import build_model
 
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    ckpt = _torch_load(path)
+    if isinstance(ckpt, torch.nn.Module):  # torch.save(module) under a .ckpt name
+        ckpt = {"state_dict": ckpt.state_dict()}
     hparams = ckpt.get("hyper_parameters") or {}
+    # Lightning keeps the module's weights under state_dict; Fabric's fabric.save(path, {"model": ...}) at the top
+    state = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else _flatten_tensors(ckpt)
     model_cfg = hparams.get("model") or (run_cfg or {}).get("model")
     vocab = hparams.get("vocab_size")
     if options.model_config is None and isinstance(model_cfg, dict) and "arch" in model_cfg and vocab is not None:
-        model, prefix, tok = build_model(model_cfg, vocab), "model.", _run_tokenizer(path)
+        model, tok, prefix = build_model(model_cfg, vocab), _run_tokenizer(path), "model."
     else:
         model, tok = _foreign_model(path, hparams, options)
-        prefix = _weights_prefix(model, ckpt.get("state_dict") or {}, path, options.model_attr)
-    _load_weights(model, ckpt.get("state_dict") or {}, prefix, str(path))
+        prefix = _weights_prefix(model, state, path, options.model_attr)
+    _load_weights(model, state, prefix, str(path))
     model.to(dtype=options.dtype).eval()
     return model, tok, int(ckpt.get("global_step", _step_from_name(path.name)))
 
@@ -261,7 +299,7 @@ def _load_state_dict_file(path: Path, options: LoadOptions):
 
         state = load_file(str(path))
     else:
-        state = torch.load(str(path), map_location="cpu", weights_only=False)
+        state = _torch_load(path)
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
     state = _flatten_tensors(state) if isinstance(state, dict) else {}
@@ -359,8 +397,7 @@ def discover(sources: list, revisions: Optional[list] = None, options: LoadOptio
             run_cfg = _run_config(path.parent.parent) or _run_config(path.parent)
             found.append(_lightning_entry(path, run_cfg, series=str(path.parent), options=options))
         elif path.is_file() and path.suffix in _STATE_DICT_SUFFIXES:
-            found.append(Checkpoint(key=str(path.resolve()), step=_step_from_name(path.stem), series=str(path),
-                                    name=path.stem, load=lambda p=path: _load_state_dict_file(p, options)))
+            found.append(_weights_file_entry(path, str(path), options))
         elif path.is_file() and path.suffix == ".gguf":
             found.append(Checkpoint(key=str(path.resolve()), step=0, series=str(path), name=path.stem,
                                     load=lambda p=path: load_gguf(p, options)))
@@ -369,11 +406,15 @@ def discover(sources: list, revisions: Optional[list] = None, options: LoadOptio
                                     name=path.name, load=lambda p=path: _hf_load(str(p), options=options)))
         elif path.is_dir():
             subs = sorted((p for p in path.iterdir() if (p / "config.json").exists()), key=lambda p: _hf_dir_step(p))
-            if not subs:
-                raise FileNotFoundError(f"{path}: no checkpoints/*.ckpt, config.json or model sub-directories found")
+            # weights files only where there are no model directories (a HF Trainer's training_args.bin is none)
+            files = [] if subs else [p for p in path.iterdir() if p.is_file() and p.suffix in _STATE_DICT_SUFFIXES]
+            if not subs and not files:
+                raise FileNotFoundError(f"{path}: no checkpoints/*.ckpt, config.json, model sub-directories or weights "
+                                        f"files ({', '.join(_STATE_DICT_SUFFIXES)}) found")
             for sub in subs:
                 found.append(Checkpoint(key=str(sub.resolve()), step=_hf_dir_step(sub), series=str(path),
                                         name=path.name, load=lambda p=sub: _hf_load(str(p), options=options)))
+            found.extend(sorted((_weights_file_entry(f, str(path), options) for f in files), key=lambda e: e.step))
         elif not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
             if _hub_offline():
                 raise RuntimeError(
@@ -391,6 +432,11 @@ def discover(sources: list, revisions: Optional[list] = None, options: LoadOptio
                 "Hugging Face model directory or hub id"
             )
     return found
+
+
+def _weights_file_entry(path: Path, series: str, options: LoadOptions) -> Checkpoint:
+    return Checkpoint(key=str(path.resolve()), step=_step_from_name(path.stem), series=series, name=path.stem,
+                      load=lambda: _load_state_dict_file(path, options))
 
 
 def _hf_dir_step(path: Path) -> int:
@@ -430,8 +476,8 @@ def _lightning_entry(ck: Path, run_cfg: Optional[dict], series: str, options: Lo
 
 def _ckpt_global_step(path: Path) -> int:
     try:  # mmap: only the small global_step is read, not the weights
-        return int(torch.load(str(path), map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
-    except Exception:
+        return int(torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    except Exception:  # not Lightning's (Fabric's, a torch.save of one's own) or unreadable: the name's number
         return _step_from_name(path.name)
 
 

@@ -5,7 +5,8 @@ Usage::
     ee-report RUN_DIR_OR_JSONL [MORE ...] --out DIR [--embed] [--dpi 100] [--quiet]
 
 Each input is a run directory (searched for ``ee_probes.jsonl``, recursively when it is not at the top) or a JSONL
-file; every JSONL found is one run. The report has a section per probe set (the records' ``set`` field); in each:
+file; every JSONL found is one run (a file holding several, as ``ee-analyze A B --out DIR`` writes, is split by
+``model.name · run.experiment``). The report has a section per probe set (the records' ``set`` field); in each:
 
 * when several runs have that set, comparisons first: summary scalars over steps (one line per run) and ``agree``
   per layer at each run's last probe (one line per run), legends naming each run by ``model.name · run.experiment``

@@ -255,6 +255,38 @@ def test_config_in_hparams_is_enough_and_two_models_need_model_attr(assets, fits
                  run_probe(teacher, _text_batches(assets["tokenizer"])))
 
 
+class SettingsLM(NetLM):
+    """``save_hyperparameters()`` with an object of a class from the training script, which the analysing process
+    cannot import."""
+
+    def __init__(self, config, settings):
+        super().__init__(config)
+        self.save_hyperparameters(ignore=["config"])
+
+
+def test_hparams_holding_an_unimportable_class_still_load(assets, tmp_path, monkeypatch):
+    import dataclasses
+    import types
+
+    script = types.ModuleType("strangers_training_script")
+    script.Settings = dataclasses.make_dataclass("Settings", [("warmup", int)])
+    script.Settings.__module__ = script.__name__
+    monkeypatch.setitem(sys.modules, script.__name__, script)
+    _fit(SettingsLM(assets["config"], script.Settings(warmup=3)), tmp_path / "ckpts", steps=1, save_last=False)
+    monkeypatch.delitem(sys.modules, script.__name__)  # another process: the script is not importable
+    ckpt = tmp_path / "ckpts" / "epoch=0-step=1.ckpt"
+    with pytest.raises(ModuleNotFoundError):
+        torch.load(ckpt, weights_only=False)
+    with pytest.warns(RuntimeWarning, match="stand-ins"):
+        assert _analyze([ckpt], tmp_path / "out", "--model-config", assets["root"] / "config",
+                        *_own_text(assets)) == 0
+    with monkeypatch.context() as patch:  # the reference reads the file where the script is importable
+        patch.setitem(sys.modules, script.__name__, script)
+        model = _model_from(_weights(ckpt, "net."), assets["config"])
+    _assert_same(read_records(tmp_path / "out" / "ee_probes.jsonl")[0],
+                 run_probe(model, _text_batches(assets["tokenizer"])))
+
+
 def test_bf16_trained_checkpoint(assets, fits, tmp_path):
     ckpt = fits["bf16"] / "epoch=0-step=1.ckpt"
     weights = _weights(ckpt, "net.")
@@ -288,12 +320,26 @@ def test_save_pretrained_directories_and_bare_weight_files(assets, tmp_path, cap
         _assert_same(record, reference if name != "bf16" else run_probe(bf16_model, _text_batches(assets["tokenizer"])))
     assert _analyze([tmp_path / "weights.pt"], tmp_path / "bare") == 2  # no architecture: say what to pass
     assert "--model-config" in capsys.readouterr().err
-    files = [tmp_path / n for n in ("weights.pt", "bundle_step7.bin", "weights.safetensors")]
+    torch.save({f"net._orig_mod.{k}": v for k, v in model.state_dict().items()}, tmp_path / "compiled.pth")
+    torch.save({"model": model.state_dict(), "optimizer": {"state": {}}, "iter_num": 5}, tmp_path / "fabric_5.ckpt")
+    files = [tmp_path / n for n in ("weights.pt", "bundle_step7.bin", "weights.safetensors", "compiled.pth",
+                                    "fabric_5.ckpt")]
     assert _analyze(files, tmp_path / "bare", "--model-config", assets["root"] / "config", *tok) == 0
     records = read_records(tmp_path / "bare" / "ee_probes.jsonl")
-    assert [r["step"] for r in records] == [0, 7, 0]
+    assert [r["step"] for r in records] == [0, 7, 0, 0, 5]
     for record in records:
         _assert_same(record, reference)
+    # a directory of weights files is one series, in step order, with drift between them
+    (tmp_path / "series").mkdir()
+    later = T.LlamaForCausalLM(assets["config"]).eval()
+    torch.save(later.state_dict(), tmp_path / "series" / "step_20.pt")
+    torch.save(model.state_dict(), tmp_path / "series" / "step_10.pt")
+    assert _analyze([tmp_path / "series"], tmp_path / "series_out", "--model-config", assets["root"] / "config",
+                    *tok) == 0
+    first, second = read_records(tmp_path / "series_out" / "ee_probes.jsonl")
+    assert (first["step"], second["step"]) == (10, 20)
+    _assert_same(first, reference)
+    _assert_same(second, run_probe(later, _text_batches(assets["tokenizer"]), previous=reference.state))
 
 
 def test_probe_data_of_ones_own(assets, tmp_path, capsys):
