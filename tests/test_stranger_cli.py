@@ -460,6 +460,35 @@ def test_report_on_a_killed_run_one_probe_one_layer_and_an_older_version(tmp_pat
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 
 
+def test_two_probe_callbacks_in_one_run(assets, tmp_path):
+    from ee_callbacks import EarlyExitProbe
+
+    ids = torch.randint(0, assets["config"].vocab_size, (16, SEQ))
+
+    def fit(second_data):
+        probes = [EarlyExitProbe(every_n_steps=2, probe_data=ids[:8]),
+                  EarlyExitProbe(every_n_steps=3, probe_data=second_data)]
+        trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False, accelerator="cpu", default_root_dir=str(tmp_path / "run"),
+                            callbacks=probes)
+        trainer.fit(NetLM(assets["config"]), torch.utils.data.DataLoader(ids, batch_size=4))
+
+    # both would write set 'default' to <root>/ee_probes.jsonl: records no reader could tell apart
+    with pytest.raises(ValueError, match="name its probe sets"):
+        fit(ids[8:])
+    assert not (tmp_path / "run" / "ee_probes.jsonl").exists() or not read_records(tmp_path / "run")
+    fit({"held_out": ids[8:]})  # following the advice: one file, two sets, each its own section of the report
+    records = read_records(tmp_path / "run" / "ee_probes.jsonl")
+    assert {(r["set"], r["step"]) for r in records} == {("default", 0), ("default", 2), ("default", 3),
+                                                        ("held_out", 0), ("held_out", 3)}
+    rc, page = _report([tmp_path / "run"], tmp_path / "report")
+    assert rc == 0 and "Probe set: default" in page and "Probe set: held_out" in page
+    held_out_last = max((r for r in records if r["set"] == "held_out"), key=lambda r: r["step"])
+    section = page[page.index("Probe set: held_out"):]
+    [row] = _table(section).values()
+    assert row["eas"] == f"{held_out_last['summary']['eas']:.4g}" and row["probes"] == "2"
+
+
 def test_report_says_what_is_wrong(tmp_path, capsys):
     write_jsonl(tmp_path / "newer" / "ee_probes.jsonl", [dict(make_record(0), schema=99)])
     (tmp_path / "binary").mkdir()
