@@ -261,12 +261,16 @@ def analyze(
             _failed(result, entry.key, "probe", "probe failed", err)
         finally:
             del model
+    _finalize(loggers)
+    return result
+
+
+def _finalize(loggers: list) -> None:
     for lg in loggers:
         try:
             lg.finalize("success")
-        except Exception:
+        except Exception:  # a logger that cannot finish must not hide the analysis
             pass
-    return result
 
 
 def _failed(result: dict, key: str, stage: str, what: str, err: Exception) -> None:

@@ -192,7 +192,11 @@ def _load_lightning_ckpt(path: Path, run_cfg: Optional[dict], options: LoadOptio
 def _load_weights(model: torch.nn.Module, state: dict, prefix: str, source: str) -> None:
     """Load the weights under ``prefix`` of ``state`` into ``model``: every weight of the model, or an error."""
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes differ: another width, depth or vocabulary
+        raise UninitialisedWeightsError(f"{source}: the weights do not fit the model built from its config ({err}); "
+                                        "is the model config this checkpoint's architecture?") from None
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # a tied unembedding is stored once; it must really be tied to count as loaded
     check_all_weights_loaded(model, list(missing), list(unexpected), source)

@@ -198,11 +198,25 @@ def test_stranger_checkpoint_needs_a_config_and_the_advice_works(assets, fits, t
                     "--tokenizer", root / "tok_file" / "tokenizer.json", "--probe-text", root / "probe.txt",
                     "--model-attr", "net") == 0
     _assert_same(read_records(tmp_path / "d" / "ee_probes.jsonl")[0], record)
+    # a --model-config directory that holds the tokenizer too (a save_pretrained model directory) needs no --tokenizer
+    shutil.copytree(root / "tok_dir", tmp_path / "with_tok")
+    shutil.copy(root / "config" / "config.json", tmp_path / "with_tok")
+    assert _analyze([ckpt], tmp_path / "g", "--model-config", tmp_path / "with_tok", "--probe-text",
+                    root / "probe.txt") == 0
+    _assert_same(read_records(tmp_path / "g" / "ee_probes.jsonl")[0], record)
     # a wrong --model-attr names the attributes there are
     with pytest.warns(RuntimeWarning):
         assert _analyze([ckpt], tmp_path / "e", "--model-config", root / "config", "--model-attr", "model") == 1
     err = capsys.readouterr().err
     assert "no weights under --model-attr 'model'" in err and "'net'" in err
+    # the config of another model: the shapes say so, nothing is probed
+    wider = T.LlamaConfig(**{**assets["config"].to_dict(), "hidden_size": 32, "intermediate_size": 64})
+    wider.save_pretrained(tmp_path / "wider")
+    with pytest.warns(RuntimeWarning):
+        assert _analyze([ckpt], tmp_path / "f", "--model-config", tmp_path / "wider", *_own_text(assets)) == 1
+    err = capsys.readouterr().err
+    assert "size mismatch" in err and "is the model config this checkpoint's architecture?" in err
+    assert not (tmp_path / "f" / "ee_probes.jsonl").exists()
 
 
 def test_checkpoint_directory_in_step_order_without_last_duplicates_and_with_drift(assets, fits, tmp_path):
@@ -211,9 +225,12 @@ def test_checkpoint_directory_in_step_order_without_last_duplicates_and_with_dri
     (directory / "best.ckpt").symlink_to(directory / "epoch=0-step=2.ckpt")  # another link to a seen step
     out = tmp_path / "out"
     assert _analyze([directory], out, "--model-config", assets["root"] / "config",
-                    *_own_text(assets)) == 0
+                    *_own_text(assets), "--report") == 0
     records = read_records(out / "ee_probes.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
+    [row] = _table((out / "report.html").read_text()).values()  # --report: the table holds the last record's figures
+    assert row["steps"] == "1–3" and row["eas"] == f"{records[-1]['summary']['eas']:.4g}"
+    assert {"heatmap_agree.png", "summary.png"} <= {p.name for p in (out / "figures").rglob("*.png")}
     assert [Path(r["checkpoint"]).name for r in records] == [f"epoch=0-step={s}.ckpt" for s in (1, 2, 3)]
     batches, previous = _text_batches(assets["tokenizer"]), None
     for record in records:  # drift of each checkpoint against the one before it in step order
