@@ -1,6 +1,7 @@
 """``ee-analyze``: run the same probe over a series of saved checkpoints.
 
-    ee-analyze SOURCE [SOURCE ...] --out DIR [--revisions r1,r2,...] [--probe-text FILE] [--heads DIR] [--report]
+    ee-analyze SOURCE [SOURCE ...] --out DIR [--revisions r1,r2,...] [--model-config DIR] [--model-attr NAME]
+               [--probe-text FILE | --probe-tokens FILE] [--tokenizer DIR] [--heads DIR] [--report]
                [--speculate [--spec-prompts 8] [--spec-new-tokens 32] [--spec-pairs E:k,...]]
                [--device cuda] [--dtype bfloat16] [--trust-remote-code]
 
@@ -8,7 +9,12 @@ Each SOURCE is one of:
 
 - a ``train.py`` run directory (``DIR/checkpoints/*.ckpt``): the model is rebuilt from the run's saved config and
   every checkpoint is probed on the run's own probe set (same data config, same seed and size as the callback's);
-- a single Lightning ``.ckpt`` written by ``train.py``;
+- a Lightning ``.ckpt``, or a directory of them (one per step, in step order; ``last.ckpt`` links and copies of a
+  step already there are left out): one written by ``train.py`` carries its architecture; for one's own
+  LightningModule it comes from ``--model-config`` (a Hugging Face ``config.json`` or its directory) or from a
+  Hugging Face config saved with ``save_hyperparameters()``, and the weights are found by name under whichever
+  attribute holds the model (``--model-attr`` to choose one);
+- a bare weights file (``.pt``/``.pth``/``.bin``/``.safetensors``) with ``--model-config``;
 - a local Hugging Face model directory (``config.json``), or a directory of them (``checkpoint-*``/``step*``);
 - a GGUF file (dequantised once by transformers, cached as safetensors under the cache directory);
 - a Hugging Face hub id with ``--revisions`` (e.g. ``EleutherAI/pythia-70m --revisions step1000,step2000``): needs
@@ -46,33 +52,93 @@ from .records import append_record, read_records
 from .settings import settings_from_any
 from .checkpoint_sources import (  # re-exported: callers import these from ee_callbacks.analyze
     _hf_load,
+    ArchitectureNeededError,
     check_all_weights_loaded,
     Checkpoint,
     default_device_and_dtype,
     discover,
     load_gguf,
+    load_tokenizer,
     LoadOptions,
     parse_dtype,
     UninitialisedWeightsError,
 )
 
-__all__ = ["Checkpoint", "LoadOptions", "ProbeSetOptions", "UninitialisedWeightsError", "discover", "analyze", "main"]
+__all__ = ["ArchitectureNeededError", "Checkpoint", "LoadOptions", "ProbeSetOptions", "UninitialisedWeightsError",
+           "discover", "analyze", "main"]
 
 
 def text_probe_tokens(text: str, tokenizer, seq_len: int, max_rows: int) -> torch.Tensor:
     """Cut a text into ``max_rows`` token blocks of ``seq_len`` with the model's own tokenizer."""
     if tokenizer is None:
-        raise ValueError("this model came without a tokenizer: pass --probe-text with a model that has one, or a "
-                         "run directory whose data config defines the probe set")
+        raise ValueError("this model came without a tokenizer: pass --tokenizer DIR (the model's Hugging Face "
+                         "tokenizer directory or tokenizer.json) or token ids with --probe-tokens FILE")
     if hasattr(tokenizer, "encode") and not hasattr(tokenizer, "__call__"):
         ids = tokenizer.encode(text)
     else:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor(ids, dtype=torch.long)
+    return _rows_of(torch.tensor(ids, dtype=torch.long), seq_len, max_rows, "the probe text")
+
+
+def _rows_of(ids: torch.Tensor, seq_len: int, max_rows: int, what: str) -> torch.Tensor:
+    """A 1-D token stream cut into at most ``max_rows`` rows of ``seq_len``."""
     n = min(max_rows, ids.numel() // seq_len)
     if n < 1:
-        raise ValueError(f"the probe text holds {ids.numel()} tokens, fewer than seq_len={seq_len}")
+        raise ValueError(f"{what} holds {ids.numel()} tokens, fewer than seq_len={seq_len}")
     return ids[: n * seq_len].reshape(n, seq_len)
+
+
+_PROBE_FILES = ("--probe-text reads plain UTF-8 text, or .jsonl with one {\"text\": ...} object per line; "
+                "--probe-tokens reads token ids: a LongTensor saved with torch.save (.pt/.pth) or a .npy array, "
+                "(N, T) rows or one 1-D stream")
+
+
+def read_probe_text(path: str) -> str:
+    """The text of a ``--probe-text`` file: plain UTF-8 text, or the ``text`` fields of a ``.jsonl`` file."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"--probe-text {path}: not UTF-8 text. {_PROBE_FILES}") from None
+    if Path(path).suffix != ".jsonl":
+        return text
+    texts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            item = None
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            raise ValueError(f"--probe-text {path}:{number}: not a JSON object with a \"text\" string. {_PROBE_FILES}")
+        texts.append(item["text"])
+    return "\n\n".join(texts)
+
+
+def read_probe_tokens(path: str) -> torch.Tensor:
+    """The token ids of a ``--probe-tokens`` file: a torch-saved integer tensor (or ``{"input_ids": tensor}``) or a
+    ``.npy`` array, (N, T) or 1-D."""
+    suffix = Path(path).suffix
+    try:
+        if suffix == ".npy":
+            import numpy as np
+
+            ids = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif suffix in (".pt", ".pth"):
+            ids = torch.load(path, map_location="cpu", weights_only=True)
+            ids = ids.get("input_ids") if isinstance(ids, dict) else ids
+        else:
+            raise ValueError(f"unknown suffix {suffix!r}")
+    except Exception as err:
+        raise ValueError(f"--probe-tokens {path}: cannot read token ids ({err}). {_PROBE_FILES}") from None
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dim() not in (1, 2):
+        raise ValueError(f"--probe-tokens {path}: needs an integer tensor of 1 or 2 dimensions, got "
+                         f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}. "
+                         + _PROBE_FILES)
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError(f"--probe-tokens {path}: negative token id {int(ids.min())}")
+    return ids.long()
 
 
 def default_probe_text() -> str:
@@ -95,7 +161,10 @@ class ProbeSetOptions:
     """The probe set ``ee-analyze`` draws for each checkpoint; None takes the run's own setting (a ``train.py`` run
     directory) or the default: 32 sequences of 128 tokens of the fortunes text, seed 0, batches of 8.
 
-    ``probe_text``: a text file to cut the probe set from instead; ``config``: :class:`ProbeConfig` overrides."""
+    ``probe_text``: a text file to cut the probe set from instead (plain text or ``.jsonl`` of ``{"text": ...}``),
+    tokenized with ``tokenizer`` (a directory or ``tokenizer.json``; None: the checkpoint's own tokenizer);
+    ``probe_tokens``: token ids instead of a text (:func:`read_probe_tokens`); ``config``: :class:`ProbeConfig`
+    overrides."""
 
     probe_text: Optional[str] = None
     probe_sequences: Optional[int] = None
@@ -103,6 +172,8 @@ class ProbeSetOptions:
     seed: Optional[int] = None
     batch_size: Optional[int] = None
     config: Optional[dict] = None
+    probe_tokens: Optional[str] = None
+    tokenizer: Optional[str] = None
 
     @classmethod
     def from_any(cls, value) -> "ProbeSetOptions":
@@ -133,6 +204,8 @@ def analyze(
     device: Optional[str] = None,
     dtype: Optional[torch.dtype] = None,
     trust_remote_code: bool = False,
+    model_config: Optional[str] = None,
+    model_attr: Optional[str] = None,
 ) -> dict:
     """Probe every checkpoint of ``sources`` into ``out/ee_probes.jsonl`` on ``device`` in ``dtype`` (defaults:
     :func:`default_device_and_dtype`), on the probe set ``probe`` describes (:class:`ProbeSetOptions`).
@@ -140,12 +213,16 @@ def analyze(
     Returns ``{"analysed": [keys], "skipped": [keys already recorded], "failed": [keys], "errors": {key: reason}}``.
     ``speculate``: when given (a dict of :func:`ee_callbacks.speculation.speculate` options: ``prompts``,
     ``prompt_tokens``, ``max_new_tokens``, ``pairs``), each record also gets a measured ``speculation`` entry.
+    ``model_config``/``model_attr``: the architecture of checkpoints that do not carry it and where their weights
+    sit (:class:`LoadOptions`); a checkpoint that needs them and lacks them stops the analysis with
+    :class:`ArchitectureNeededError`, whose message says what to pass.
     """
     probe = ProbeSetOptions.from_any(probe)
     default_device, default_dtype = default_device_and_dtype()
     device = torch.device(device or default_device)
     options = LoadOptions(dtype=dtype or (default_dtype if device.type == "cuda" else torch.float32),
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, model_config=model_config, model_attr=model_attr)
+    own_data = _own_probe_data(probe)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / "ee_probes.jsonl"
@@ -155,7 +232,7 @@ def analyze(
     entries = discover(sources, revisions, options)
     loggers = _make_loggers(logger, out_dir)
     result: dict = {"analysed": [], "skipped": [], "failed": [], "errors": {}}
-    state = {"previous": {}, "probe_cache": {}}
+    state = {"previous": {}, "probe_cache": {}, "own_data": own_data}
     bar = _progress(entries, progress)
     for entry in bar:
         if (entry.key, "default") in done:
@@ -165,6 +242,8 @@ def analyze(
         try:
             model, tok = entry.load()
             model.to(device)
+        except ArchitectureNeededError:
+            raise  # every checkpoint of the series lacks it: stop at once and say what to pass
         except Exception as err:
             _failed(result, entry.key, "load", "could not be loaded", err)
             continue
@@ -182,12 +261,16 @@ def analyze(
             _failed(result, entry.key, "probe", "probe failed", err)
         finally:
             del model
+    _finalize(loggers)
+    return result
+
+
+def _finalize(loggers: list) -> None:
     for lg in loggers:
         try:
             lg.finalize("success")
-        except Exception:
+        except Exception:  # a logger that cannot finish must not hide the analysis
             pass
-    return result
 
 
 def _failed(result: dict, key: str, stage: str, what: str, err: Exception) -> None:
@@ -203,16 +286,8 @@ def _probe_checkpoint(entry: Checkpoint, model, tok, probe: ProbeSetOptions, sta
     """Probe one loaded checkpoint and append its record to ``jsonl`` (returned as written). ``state`` carries the
     drawn probe sets and each series' previous record across checkpoints."""
     n_seq, length, the_seed, bsz, cfg = probe.resolve(dict(entry.probe_defaults))
-    probe_text = probe.probe_text
-    cache_key = (entry.series if entry.probe_source and not probe_text else "text", n_seq, length, the_seed)
-    if cache_key not in state["probe_cache"]:
-        if entry.probe_source is not None and not probe_text:
-            source = entry.probe_source()
-        else:
-            text = Path(probe_text).read_text(errors="replace") if probe_text else default_probe_text()
-            source = text_probe_tokens(text, tok, length, 4 * n_seq)
-        state["probe_cache"][cache_key] = draw_probe_set(source, n_seq, length, the_seed, bsz)
-    batches = state["probe_cache"][cache_key]
+    batches, data_name = _probe_batches(entry, tok, state, n_seq, length, the_seed, bsz)
+    _check_vocabulary(model, batches)
     readouts = None
     if heads:
         from .readouts import ExitHeadsMismatchError, load_exit_heads
@@ -228,7 +303,7 @@ def _probe_checkpoint(entry: Checkpoint, model, tok, probe: ProbeSetOptions, sta
     parts = prove_on_probe_set(model, batches)  # the readout reproduces this checkpoint's own logits
     record = run_probe(
         model, batches, config=cfg, parts=parts, step=entry.step, source="checkpoint", checkpoint=entry.key,
-        data_name=probe_text or ("run probe set" if entry.probe_source else "fortunes"), seed=the_seed,
+        data_name=data_name, seed=the_seed,
         readouts=readouts, previous=state["previous"].get(entry.series),
     )
     state["previous"][entry.series] = record.state
@@ -238,6 +313,51 @@ def _probe_checkpoint(entry: Checkpoint, model, tok, probe: ProbeSetOptions, sta
         record.model["name"] = entry.name
     record.run = {"name": record.model.get("name"), "experiment": Path(entry.series).name}
     return append_record(jsonl, record)
+
+
+def _own_probe_data(probe: ProbeSetOptions) -> dict:
+    """The probe data given on the command line, read (and checked) once before any checkpoint loads."""
+    if probe.probe_text and probe.probe_tokens:
+        raise ValueError("pass --probe-text or --probe-tokens, not both")
+    return {"text": read_probe_text(probe.probe_text) if probe.probe_text else None,
+            "tokens": read_probe_tokens(probe.probe_tokens) if probe.probe_tokens else None,
+            "tokenizer": load_tokenizer(probe.tokenizer) if probe.tokenizer else None,
+            "name": probe.probe_text or probe.probe_tokens}
+
+
+def _probe_batches(entry: Checkpoint, tok, state: dict, n_seq: int, length: int, seed: int, bsz: int):
+    """(probe batches, data name) of a checkpoint: the given tokens or text, else its run's probe set, else the
+    fortunes text; drawn once per series (a text is tokenized by each series' own tokenizer unless --tokenizer)."""
+    own = state["own_data"]
+    if own["tokens"] is not None:
+        key, name = ("tokens",), own["name"]
+    elif own["text"] is None and entry.probe_source is not None:
+        key, name = ("run", entry.series), "run probe set"
+    else:
+        key, name = ("text", "" if own["tokenizer"] is not None else entry.series), own["name"] or "fortunes"
+    key += (n_seq, length, seed)
+    if key not in state["probe_cache"]:
+        if key[0] == "tokens":
+            ids = own["tokens"]
+            source = _rows_of(ids, length, 4 * n_seq, f"--probe-tokens {name}") if ids.dim() == 1 else ids
+        elif key[0] == "run":
+            source = entry.probe_source()
+        else:
+            text = own["text"] if own["text"] is not None else default_probe_text()
+            source = text_probe_tokens(text, own["tokenizer"] or tok, length, 4 * n_seq)
+        state["probe_cache"][key] = draw_probe_set(source, n_seq, length, seed, bsz)
+    return state["probe_cache"][key], name
+
+
+def _check_vocabulary(model, batches) -> None:
+    """Token ids beyond the model's embedding fail here with what to do, not as an index error inside the model."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embedding, "num_embeddings", None)
+    top = max(int(batch["input_ids"].max()) for batch in batches)
+    if vocab is not None and top >= vocab:
+        raise ValueError(f"probe token id {top} is beyond the model's vocabulary of {vocab}: the probe data was "
+                         "tokenized for another model; pass this model's tokenizer with --tokenizer, or "
+                         f"--probe-tokens with ids below {vocab}")
 
 
 def _measure_speculation(model, record, batches, options: dict) -> dict:
@@ -311,12 +431,24 @@ def _speculate_options(args) -> dict:
             "max_new_tokens": args.spec_new_tokens, "pairs": pairs}
 
 
-def main(argv: Optional[list] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ee-analyze", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sources", nargs="+", help="run directories, .ckpt files, HF model dirs, GGUF files or hub ids")
+    parser.add_argument("sources", nargs="+", help="run directories, .ckpt files, HF model dirs, weights files "
+                                                   "(.pt/.pth/.bin/.safetensors), GGUF files or hub ids")
     parser.add_argument("--out", required=True, help="output directory (ee_probes.jsonl, csv/, report.html)")
     parser.add_argument("--revisions", default=None, help="comma-separated hub revisions (e.g. step1000,step2000)")
-    parser.add_argument("--probe-text", default=None, help="a text file to cut the probe set from")
+    parser.add_argument("--model-config", default=None,
+                        help="a Hugging Face config.json (or a directory holding one): the architecture of .ckpt files "
+                             "not written by train.py and of bare weights files")
+    parser.add_argument("--model-attr", default=None,
+                        help="where the model sits in such a checkpoint, e.g. net or model.backbone (default: found "
+                             "from the weights' names)")
+    parser.add_argument("--probe-text", default=None,
+                        help="a text file to cut the probe set from (plain text, or .jsonl of {\"text\": ...})")
+    parser.add_argument("--probe-tokens", default=None,
+                        help="token ids to probe on: a torch-saved LongTensor (.pt/.pth) or .npy, (N, T) or 1-D")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a tokenizer directory or tokenizer.json for the probe text (default: the model's own)")
     parser.add_argument("--probe-sequences", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
@@ -343,19 +475,25 @@ def main(argv: Optional[list] = None) -> int:
                         help="weights dtype: float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let Hugging Face models with their own modelling code load (runs that code)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         result = analyze(
             args.sources, args.out,
             revisions=args.revisions.split(",") if args.revisions else None,
             probe=ProbeSetOptions(probe_text=args.probe_text, probe_sequences=args.probe_sequences,
                                   seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
-                                  config=_parse_overrides(args.config)),
+                                  config=_parse_overrides(args.config), probe_tokens=args.probe_tokens,
+                                  tokenizer=args.tokenizer),
             heads=args.heads,
             heads_any_checkpoint=args.heads_any_checkpoint, logger=args.logger,
             progress=not args.no_progress,
             speculate=_speculate_options(args) if args.speculate else None, device=args.device,
             dtype=parse_dtype(args.dtype) if args.dtype else None, trust_remote_code=args.trust_remote_code,
+            model_config=args.model_config, model_attr=args.model_attr,
         )
     except (FileNotFoundError, RuntimeError, ValueError, ImportError) as err:
         print(f"ee-analyze: error: {err}", file=sys.stderr)

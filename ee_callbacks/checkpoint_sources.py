@@ -8,27 +8,42 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
+import types
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-__all__ = ["Checkpoint", "LoadOptions", "UninitialisedWeightsError", "check_all_weights_loaded",
-           "default_device_and_dtype", "discover", "load_gguf", "parse_dtype"]
+__all__ = ["ArchitectureNeededError", "Checkpoint", "LoadOptions", "UninitialisedWeightsError",
+           "check_all_weights_loaded", "default_device_and_dtype", "discover", "load_gguf", "load_tokenizer",
+           "parse_dtype"]
 
 
 class UninitialisedWeightsError(ValueError):
     """A checkpoint that would leave weights of the model at their random initialisation."""
 
 
+class ArchitectureNeededError(ValueError):
+    """A checkpoint that holds weights but not the architecture to load them into; the message says what to pass."""
+
+
 @dataclass(frozen=True)
 class LoadOptions:
-    """How models are loaded: the dtype of their weights and whether Hugging Face remote code may run."""
+    """How models are loaded: the dtype of their weights and whether Hugging Face remote code may run.
+
+    ``model_config``: a Hugging Face ``config.json`` (or a directory holding one) giving the architecture of
+    checkpoints that do not carry it (a Lightning ``.ckpt`` of one's own LightningModule, a bare state-dict file);
+    ``model_attr``: where the model's weights sit in such a checkpoint (the attribute path in the LightningModule,
+    e.g. ``net`` or ``model.backbone``; found automatically when None)."""
 
     dtype: torch.dtype = torch.float32
     trust_remote_code: bool = False
+    model_config: Optional[str] = None
+    model_attr: Optional[str] = None
 
 
 def default_device_and_dtype() -> tuple[str, torch.dtype]:
@@ -119,24 +134,133 @@ def _run_config(run_dir: Path) -> Optional[dict]:
     return None
 
 
+class _Unimportable:
+    """Stands in for an object whose class the analysing process cannot import (a config class defined in the
+    training script, saved by ``save_hyperparameters()``): its state is kept, the weights load."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.__dict__["state"] = state
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_Unimportable,), {"__module__": f"unimportable.{module}"})
+
+
+def _torch_load(path: Path):
+    """``torch.load`` of a whole file; objects of classes this process cannot import load as stand-ins (with a
+    warning) instead of failing the checkpoint."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as err:
+        warnings.warn(f"{path}: {err}; the objects of classes that cannot be imported here are replaced by "
+                      "stand-ins (only the weights are needed)", RuntimeWarning)
+        lenient = types.SimpleNamespace(__name__="pickle", Unpickler=_LenientUnpickler, load=pickle.load)
+        return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=lenient)
+
+
 def _load_lightning_ckpt(path: Path, run_cfg: Optional[dict], options: LoadOptions = LoadOptions()):
-    """Rebuild the zoo model of a train.py checkpoint and load its weights (every weight, or an error)."""
+    """Rebuild the model of a Lightning checkpoint and load its weights (every weight, or an error): a train.py
+    checkpoint from its saved zoo config, any other from ``options.model_config`` or a Hugging Face config found in
+    its hyper_parameters (:func:`_foreign_model`)."""
     from .training.zoo import build_model
 
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    ckpt = _torch_load(path)
+    if isinstance(ckpt, torch.nn.Module):  # torch.save(module) under a .ckpt name
+        ckpt = {"state_dict": ckpt.state_dict()}
     hparams = ckpt.get("hyper_parameters") or {}
+    # Lightning keeps the module's weights under state_dict; Fabric's fabric.save(path, {"model": ...}) at the top
+    state = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else _flatten_tensors(ckpt)
     model_cfg = hparams.get("model") or (run_cfg or {}).get("model")
     vocab = hparams.get("vocab_size")
-    if model_cfg is None or vocab is None:
-        raise ValueError(f"{path} holds no model config / vocab_size in its hyper_parameters: not a train.py checkpoint")
-    model = build_model(model_cfg, vocab)
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if options.model_config is None and isinstance(model_cfg, dict) and "arch" in model_cfg and vocab is not None:
+        model, tok, prefix = build_model(model_cfg, vocab), _run_tokenizer(path), "model."
+    else:
+        model, tok = _foreign_model(path, hparams, options)
+        prefix = _weights_prefix(model, state, path, options.model_attr)
+    _load_weights(model, state, prefix, str(path))
+    model.to(dtype=options.dtype).eval()
+    return model, tok, int(ckpt.get("global_step", _step_from_name(path.name)))
+
+
+def _load_weights(model: torch.nn.Module, state: dict, prefix: str, source: str) -> None:
+    """Load the weights under ``prefix`` of ``state`` into ``model``: every weight of the model, or an error."""
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes differ: another width, depth or vocabulary
+        raise UninitialisedWeightsError(f"{source}: the weights do not fit the model built from its config ({err}); "
+                                        "is the model config this checkpoint's architecture?") from None
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # a tied unembedding is stored once; it must really be tied to count as loaded
-    check_all_weights_loaded(model, list(missing), list(unexpected), str(path))
-    model.to(dtype=options.dtype).eval()
-    return model, _run_tokenizer(path), int(ckpt.get("global_step", _step_from_name(path.name)))
+    check_all_weights_loaded(model, list(missing), list(unexpected), source)
+
+
+_NEEDS_CONFIG = ("pass --model-config DIR: a Hugging Face config.json of the model, or the directory holding one "
+                 "(what `model.config.save_pretrained(DIR)` or `model.save_pretrained(DIR)` writes); the weights "
+                 "are then found in the file by their names (--model-attr net picks the attribute when several "
+                 "models of that architecture are in it)")
+
+
+def _foreign_model(path: Path, hparams: dict, options: LoadOptions):
+    """(model with fresh weights, tokenizer or None) for a checkpoint train.py did not write: the architecture comes
+    from ``--model-config``, else from a Hugging Face config the LightningModule saved with
+    ``save_hyperparameters()`` (a ``PretrainedConfig`` or a dict with ``model_type``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    remote = {"trust_remote_code": True} if options.trust_remote_code else {}
+    tok = None
+    if options.model_config is not None:
+        where = Path(os.path.expanduser(options.model_config))
+        if not (where / "config.json").is_file() and not (where.is_file() and where.suffix == ".json"):
+            raise ArchitectureNeededError(f"--model-config {options.model_config}: no config.json there; "
+                                          + _NEEDS_CONFIG)
+        config = AutoConfig.from_pretrained(str(where), **remote)
+        tok = load_tokenizer(where, required=False) if where.is_dir() else None
+    else:
+        found = [v for v in (hparams or {}).values()
+                 if isinstance(v, PretrainedConfig) or (isinstance(v, dict) and "model_type" in v)]
+        if not found:
+            raise ArchitectureNeededError(f"{path}: its hyper_parameters hold no model config (not written by "
+                                          f"train.py, no Hugging Face config saved with it); " + _NEEDS_CONFIG)
+        config = found[0] if isinstance(found[0], PretrainedConfig) else AutoConfig.for_model(**found[0])
+    return AutoModelForCausalLM.from_config(config, **remote), tok
+
+
+def _weights_prefix(model: torch.nn.Module, state: dict, source: Path, model_attr: Optional[str]) -> str:
+    """The key prefix under which ``state`` holds the weights of ``model`` (``net.`` for a LightningModule's
+    ``self.net``): ``model_attr`` when given, else the one prefix under which every weight of the model is found."""
+    if model_attr is not None:
+        prefix = model_attr.strip(".") + "." if model_attr.strip(".") else ""
+        if not any(key.startswith(prefix) for key in state):
+            raise ValueError(f"{source}: no weights under --model-attr {model_attr!r}; its top-level names are "
+                             f"{sorted({key.split('.')[0] for key in state})[:12]}")
+        return prefix
+    needed = {name for name, _ in model.named_parameters()}  # a tied weight once
+    found: dict = {}  # prefix -> the model's weight names found under it
+    for key in state:
+        parts = key.split(".")
+        for cut in range(len(parts)):
+            if ".".join(parts[cut:]) in needed:
+                found.setdefault(".".join(parts[:cut]) + "." if cut else "", set()).add(".".join(parts[cut:]))
+    counts = {prefix: len(names) for prefix, names in found.items()}
+    complete = sorted(prefix for prefix, count in counts.items() if count == len(needed))
+    if len(complete) > 1:
+        raise ValueError(f"{source}: the weights of several models of this architecture are in the file, under "
+                         f"{[p.rstrip('.') or '(top level)' for p in complete]}: pass --model-attr with one of them")
+    if complete:
+        return complete[0]
+    if not counts:
+        raise ValueError(f"{source}: no weight of the {type(model).__name__} built from the model config is in the "
+                         f"file (its keys look like {list(state)[:4]}): is the config the architecture of this "
+                         "checkpoint?")
+    return max(counts, key=counts.get)  # the nearest; loading names the weights it lacks
 
 
 def _run_tokenizer(ckpt_path: Path):
@@ -147,6 +271,56 @@ def _run_tokenizer(ckpt_path: Path):
 
             return AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
     return None
+
+
+def load_tokenizer(path, required: bool = True):
+    """A Hugging Face tokenizer from a directory (``save_pretrained``, or a lone ``tokenizer.json`` of the
+    ``tokenizers`` package) or a ``tokenizer.json`` file; ``None`` when ``required`` is False and there is none."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(os.path.expanduser(str(path)))
+    file = path if path.is_file() else path / "tokenizer.json"
+    if path.is_dir() and (path / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(path))
+    if file.is_file() and file.suffix == ".json":
+        return PreTrainedTokenizerFast(tokenizer_file=str(file))
+    if required:
+        raise FileNotFoundError(f"--tokenizer {path}: not a tokenizer directory (tokenizer_config.json or "
+                                "tokenizer.json) nor a tokenizer.json file")
+    return None
+
+
+_STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def _load_state_dict_file(path: Path, options: LoadOptions):
+    """A model from a bare weights file (``torch.save(model.state_dict())``, a safetensors file, or a dict holding
+    one) and the architecture of ``options.model_config``."""
+    if options.model_config is None:
+        raise ArchitectureNeededError(f"{path}: a weights file without the model's architecture; " + _NEEDS_CONFIG)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = _torch_load(path)
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    state = _flatten_tensors(state) if isinstance(state, dict) else {}
+    model, tok = _foreign_model(path, {}, options)
+    _load_weights(model, state, _weights_prefix(model, state, path, options.model_attr), str(path))
+    return model.to(dtype=options.dtype).eval(), tok
+
+
+def _flatten_tensors(mapping: dict, prefix: str = "") -> dict:
+    """The tensors of a nested dict under dotted keys (``{"model": state_dict}`` → ``model.<name>``)."""
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, torch.Tensor):
+            out[f"{prefix}{key}"] = value
+        elif isinstance(value, dict):
+            out.update(_flatten_tensors(value, f"{prefix}{key}."))
+    return out
 
 
 def _hf_load(path_or_id: str, revision: Optional[str] = None, gguf_file: Optional[str] = None,
@@ -220,16 +394,14 @@ def discover(sources: list, revisions: Optional[list] = None, options: LoadOptio
         if path.is_dir() and ((path / "checkpoints").is_dir() or list(path.glob("*.ckpt"))):
             ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
             run_cfg = _run_config(path)
-            ckpts = sorted(p for p in ckpt_dir.glob("*.ckpt") if p.name != "last.ckpt")
-            if not ckpts:
-                ckpts = sorted(ckpt_dir.glob("*.ckpt"))
-            entries = []
-            for ck in ckpts:
-                entries.append(_lightning_entry(ck, run_cfg, series=str(path), options=options))
+            entries = [_lightning_entry(ck, run_cfg, series=str(path), options=options)
+                       for ck in _distinct_checkpoints(ckpt_dir)]
             found.extend(sorted(entries, key=lambda e: e.step))
         elif path.is_file() and path.suffix == ".ckpt":
             run_cfg = _run_config(path.parent.parent) or _run_config(path.parent)
             found.append(_lightning_entry(path, run_cfg, series=str(path.parent), options=options))
+        elif path.is_file() and path.suffix in _STATE_DICT_SUFFIXES:
+            found.append(_weights_file_entry(path, str(path), options))
         elif path.is_file() and path.suffix == ".gguf":
             found.append(Checkpoint(key=str(path.resolve()), step=0, series=str(path), name=path.stem,
                                     load=lambda p=path: load_gguf(p, options)))
@@ -238,11 +410,15 @@ def discover(sources: list, revisions: Optional[list] = None, options: LoadOptio
                                     name=path.name, load=lambda p=path: _hf_load(str(p), options=options)))
         elif path.is_dir():
             subs = sorted((p for p in path.iterdir() if (p / "config.json").exists()), key=lambda p: _hf_dir_step(p))
-            if not subs:
-                raise FileNotFoundError(f"{path}: no checkpoints/*.ckpt, config.json or model sub-directories found")
+            # weights files only where there are no model directories (a HF Trainer's training_args.bin is none)
+            files = [] if subs else [p for p in path.iterdir() if p.is_file() and p.suffix in _STATE_DICT_SUFFIXES]
+            if not subs and not files:
+                raise FileNotFoundError(f"{path}: no checkpoints/*.ckpt, config.json, model sub-directories or weights "
+                                        f"files ({', '.join(_STATE_DICT_SUFFIXES)}) found")
             for sub in subs:
                 found.append(Checkpoint(key=str(sub.resolve()), step=_hf_dir_step(sub), series=str(path),
                                         name=path.name, load=lambda p=sub: _hf_load(str(p), options=options)))
+            found.extend(sorted((_weights_file_entry(f, str(path), options) for f in files), key=lambda e: e.step))
         elif not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
             if _hub_offline():
                 raise RuntimeError(
@@ -256,9 +432,15 @@ def discover(sources: list, revisions: Optional[list] = None, options: LoadOptio
                                         load=lambda s=str(source), r=rev: _hf_load(s, r, options=options)))
         else:
             raise FileNotFoundError(
-                f"{source}: not a run directory, .ckpt, GGUF file, Hugging Face model directory or hub id"
+                f"{source}: not a run directory, .ckpt, weights file ({', '.join(_STATE_DICT_SUFFIXES)}), GGUF file, "
+                "Hugging Face model directory or hub id"
             )
     return found
+
+
+def _weights_file_entry(path: Path, series: str, options: LoadOptions) -> Checkpoint:
+    return Checkpoint(key=str(path.resolve()), step=_step_from_name(path.stem), series=series, name=path.stem,
+                      load=lambda: _load_state_dict_file(path, options))
 
 
 def _hf_dir_step(path: Path) -> int:
@@ -276,7 +458,7 @@ def _lightning_entry(ck: Path, run_cfg: Optional[dict], series: str, options: Lo
         model, tok, _ = _load_lightning_ckpt(p, cfg, options)
         return model, tok
 
-    step = _step_from_name(ck.stem) if ck.name != "last.ckpt" else _ckpt_global_step(ck)
+    step = _ckpt_step(ck)
     probe_src, defaults = None, {}
     if run_cfg is not None and run_cfg.get("data") and run_cfg.get("tokenizer"):
         def probe_src(cfg=run_cfg):  # noqa: F811
@@ -297,10 +479,28 @@ def _lightning_entry(ck: Path, run_cfg: Optional[dict], series: str, options: Lo
 
 
 def _ckpt_global_step(path: Path) -> int:
-    try:
-        return int(torch.load(str(path), map_location="cpu", weights_only=False).get("global_step", 0))
-    except Exception:
+    try:  # mmap: only the small global_step is read, not the weights
+        return int(torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    except Exception:  # not Lightning's (Fabric's, a torch.save of one's own) or unreadable: the name's number
         return _step_from_name(path.name)
+
+
+def _ckpt_step(path: Path) -> int:
+    """A Lightning checkpoint's step: from its name when it says (``epoch=0-step=10``), else its ``global_step``."""
+    named = re.findall(r"step[=_-]?(\d+)", path.stem)
+    return int(named[-1]) if named else _ckpt_global_step(path)
+
+
+def _distinct_checkpoints(ckpt_dir: Path) -> list:
+    """The ``*.ckpt`` files of a directory, one per step: a symlink (``last.ckpt`` -> ``epoch=1-step=20.ckpt``)
+    and a copy of another step (``last.ckpt`` written at the same step) are left out, the named file kept."""
+    by_target: dict = {}
+    for ck in sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (p.is_symlink() or p.name.startswith("last"), p.name)):
+        by_target.setdefault(ck.resolve(), ck)
+    by_step: dict = {}
+    for ck in by_target.values():  # named files first: a last.ckpt of an already seen step adds nothing
+        by_step.setdefault(_ckpt_step(ck), ck)
+    return [by_step[step] for step in sorted(by_step)]
 
 
 # ------------------------------------------------------------------------------------------------------------ probe data

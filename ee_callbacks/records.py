@@ -153,7 +153,7 @@ def read_records(path: Union[str, os.PathLike], *, set_name: Optional[str] = Non
             raise FileNotFoundError(f"no ee_probes.jsonl under {path}")
         path = found[0]
     records = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8", errors="replace") as fh:  # bytes that are not UTF-8 fail their line only
         lines = fh.read().split("\n")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -169,7 +169,7 @@ def read_records(path: Union[str, os.PathLike], *, set_name: Optional[str] = Non
         schema = rec.get("schema", 1)
         if isinstance(schema, int) and schema > SCHEMA_VERSION:
             raise ValueError(
-                f"{path}:{number} has schema {schema}; this ee_callbacks reads schema ≤ {SCHEMA_VERSION}: upgrade it"
+                f"{path}:{number} has schema {schema}; this ee_callbacks reads schema ≤ {SCHEMA_VERSION}: upgrade ee_callbacks to read it"
             )
         rec.setdefault("set", "default")
         if set_name is None or rec.get("set") == set_name:

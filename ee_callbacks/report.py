@@ -5,7 +5,8 @@ Usage::
     ee-report RUN_DIR_OR_JSONL [MORE ...] --out DIR [--embed] [--dpi 100] [--quiet]
 
 Each input is a run directory (searched for ``ee_probes.jsonl``, recursively when it is not at the top) or a JSONL
-file; every JSONL found is one run. The report has a section per probe set (the records' ``set`` field); in each:
+file; every JSONL found is one run (a file holding several, as ``ee-analyze A B --out DIR`` writes, is split by
+``model.name · run.experiment``). The report has a section per probe set (the records' ``set`` field); in each:
 
 * when several runs have that set, comparisons first: summary scalars over steps (one line per run) and ``agree``
   per layer at each run's last probe (one line per run), legends naming each run by ``model.name · run.experiment``
@@ -97,7 +98,19 @@ class Report:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Records of a JSONL file (the project's one reader: a torn last line is dropped with a warning)."""
-    return read_records(path)
+    try:
+        return read_records(path)
+    except (ValueError, OSError) as error:  # a newer schema, an unreadable file: say so instead of a traceback
+        raise ReportError(str(error)) from error
+
+
+def _split_by_run(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The records of one file split by run label (``model.name · run.experiment``): ``ee-analyze A B --out DIR``
+    writes both series into one file, and their steps must not be merged into one line."""
+    parts: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        parts.setdefault(plotting.run_label(record, ""), []).append(record)
+    return list(parts.values())
 
 
 def record_set(record: dict[str, Any]) -> str:
@@ -146,7 +159,8 @@ def load_runs(paths: Iterable[str | Path]) -> list[RunRecords]:
             if any(run.source.resolve() == path.resolve() for run in runs):
                 continue
             fallback = path.parent.name if path.name == RECORDS_FILE else path.stem
-            runs.append(RunRecords(plotting.run_label(records[0], fallback or str(path)), path, records))
+            runs += [RunRecords(plotting.run_label(part[0], fallback or str(path)), path, part)
+                     for part in _split_by_run(records)]
     _make_labels_unique(runs)
     return runs
 
@@ -296,6 +310,7 @@ def build_report(
 
     runs = load_runs(paths)
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # records without drawable data still get their table
     figures_dir = out_dir / "figures"
     sets = sorted({record_set(record) for run in runs for record in run.records}, key=lambda s: (s != DEFAULT_SET, s))
     groups = group_runs(runs, group_ignore) if group_ignore is not None else {}

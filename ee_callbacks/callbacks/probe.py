@@ -23,6 +23,7 @@ from ..records import append_record, read_records
 from ..sinks.loggers import flatten_record_metrics, format_record_table, log_to_loggers
 from .probe_support import (  # default_records_path and _share_drift_reference are re-exported from here
     _cadence_args,
+    _check_not_shared,
     _check_writable,
     default_records_path,
     _describe_source,
@@ -248,6 +249,7 @@ class EarlyExitProbe(Callback):
             _check_writable(self._path)
         self._lm = find_language_model(pl_module, self.model_attr)
         self._sets = self._resolve_sets(trainer, pl_module)
+        _check_not_shared(trainer, self)
         # validate now (clear error at fit start, not at step 10,000)
         parts = find_model_parts(self._lm, **self.part_paths)
         full = readout_context_factory(trainer, pl_module, self._lm, parts)  # None unless FSDP

@@ -74,6 +74,19 @@ def _check_writable(path: Path) -> None:
         ) from None
 
 
+def _check_not_shared(trainer: Trainer, callback) -> None:
+    """Two probe callbacks writing the same probe set to one file would interleave records no reader can tell
+    apart (same step, same set): refuse at fit start, saying how to separate them."""
+    for other in trainer.callbacks:
+        if other is callback or not isinstance(other, type(callback)) or getattr(other, "_path", None) is None:
+            continue
+        common = sorted(set(other._sets or {}) & set(callback._sets or {}))
+        if callback._path is not None and other._path.resolve() == callback._path.resolve() and common:
+            raise ValueError(f"two {type(callback).__name__} callbacks would write probe set(s) {common} to "
+                             f"{callback._path}, where their records could not be told apart: give one its own "
+                             "output_path=, or name its probe sets (probe_data={'name': data})")
+
+
 def _looks_like_batch(data: Mapping) -> bool:
     return "input_ids" in data
 
