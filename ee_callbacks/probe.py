@@ -91,10 +91,7 @@ def run_probe(model: nn.Module, batches, *, config=None, parts: Optional[ModelPa
     suite = probe.suite or probe.build_suite(first_layer=1, reference=reference)
     suite.reduce(reduce)
     counts = suite["counts"].compute()
-    if counts["batches"] and counts["nonfinite_tokens"] and counts["tokens"] == 0:
-        raise ValueError(f"all {counts['nonfinite_tokens']} probe tokens have non-finite (NaN/inf) final logits: the "
-                         "model has diverged or its weights are not finite; there is nothing to measure")
-    if counts["batches"] == 0 or counts["tokens"] == 0:
+    if counts["batches"] == 0 or counts["tokens"] + counts["nonfinite_tokens"] == 0:
         raise ValueError("the probe saw no token with a next-token label")
     if counts["nonfinite_tokens"]:
         warnings.warn(f"ee_callbacks: {counts['nonfinite_tokens']} probe tokens have non-finite final logits; "
@@ -235,7 +232,7 @@ class _Probe:
                                         nonfinite_tokens=nonfinite)
             sequences_seen = 0
             if cka_mask is not None:
-                chosen = cka_mask[rows].reshape(-1).to(self.device)
+                chosen = cka_mask[rows].reshape(-1).to(self.device) & selected
                 cka_features.append([s.reshape(-1, s.shape[-1])[chosen] if s is not None else None for s in states])
             flat_states = [s.reshape(-1, s.shape[-1])[selected] if s is not None else None for s in states]
             row_ids = row0 + torch.arange(valid.shape[0])[:, None].expand(valid.shape)

@@ -98,6 +98,8 @@ def _saturation(record, suite, summary: dict, probe) -> float:
         for row in record.layers:
             layer = row["layer"]
             row["saturation_frac"] = result["hist_strict"][layer] / n if layer < len(result["hist_strict"]) else None
+    elif "saturation" in probe.families and probe.has_head:  # no finite token: the figures exist, as null
+        summary.update(dict.fromkeys(("oracle_skip_strict", "oracle_skip_lenient", "saturation_mean_strict")))
     return n
 
 
@@ -131,6 +133,8 @@ def _exit_curves(record, suite, summary: dict, probe, exit_layers: list, by_laye
         summary["static_exit_layer"] = int(layer)
         summary["stderr"]["static_exit_acc"] = suite["lens"].stderr().get(int(layer), {}).get("acc")
         summary[f"static_skip_{round(cfg.static_tolerance * 100):d}pct"] = finite_or_none(skip)
+    else:
+        summary["static_exit_layer"] = summary[f"static_skip_{round(cfg.static_tolerance * 100):d}pct"] = None
 
 
 def _point_stderr(curve: list, errors: list, skip: float, level: float):

@@ -201,7 +201,7 @@ def test_best_skip_at_consistency():
     assert best_skip_at_consistency(curve, 0.95) == pytest.approx(0.3)
     assert best_skip_at_consistency(curve, 0.5) == pytest.approx(0.5)
     assert best_skip_at_consistency(curve[:2], 0.99) == 0.0
-    assert best_skip_at_consistency([], 0.99) == 0.0
+    assert best_skip_at_consistency([], 0.99) is None  # no token measured (every probe token non-finite)
 
 
 def test_static_exit():

@@ -20,16 +20,20 @@ def _rss_mb() -> float:
 
 
 def test_nan_at_one_layer_gives_nulls_and_a_warning():
+    """NaN from block 2 on: no token has a finite reference, so every figure is null (never a crash, and never the
+    "perfect agreement" of all-NaN logits whose argmax is 0 everywhere) and the record counts the tokens."""
     model = tiny_llama(vocab=40, layers=4).eval()
     handle = model.model.layers[2].register_forward_hook(lambda m, a, o: o * float("nan"))
     ids = torch.randint(0, 40, (2, 10))
     with pytest.warns(RuntimeWarning, match="non-finite"):
         rec = run_probe(model, [ids]).to_dict()
     handle.remove()
+    assert (rec["probe"]["tokens"], rec["probe"]["nonfinite_tokens"]) == (0, 18)
     layers = {r["layer"]: r for r in rec["layers"]}
-    assert layers[3]["kl"] is None and layers[4]["ce"] is None  # cannot be computed: null, never a crash
-    assert layers[1]["block_influence"] is not None  # before the fault everything is still measured
-    assert rec["summary"]["eas"] is None
+    assert layers[3]["kl"] is None and layers[4]["ce"] is None and layers[4]["agree"] is None
+    assert all(value is None for row in rec["layers"] for key, value in row.items() if key != "layer")
+    assert rec["summary"]["eas"] is None and rec["summary"]["final_ce"] is None
+    assert rec["summary"]["skip_at_consistency_0.99"] == {"max_prob": None, "margin": None, "entropy": None}
 
 
 def test_training_goes_on_when_the_model_emits_nan(tmp_path):
@@ -199,9 +203,10 @@ def test_one_nan_token_leaves_token_level_metrics_on_the_others():
         with torch.no_grad():  # masked attention spreads the NaN over its row (0 x NaN = NaN): row 1 stays finite
             finite_tokens = int(torch.isfinite(model(ids).logits[:, :-1]).all(-1).sum())
     handle.remove()
-    assert 0 < finite_tokens < rec["probe"]["tokens"]
     clean = run_probe(model, [ids]).to_dict()
-    assert rec["layers"][3]["kl"] is None  # a layer mean over a NaN token is null
+    assert 0 < finite_tokens == rec["probe"]["tokens"] < clean["probe"]["tokens"]
+    assert rec["probe"]["nonfinite_tokens"] == clean["probe"]["tokens"] - finite_tokens
+    assert rec["layers"][3]["kl"] is not None  # a layer mean over the finite tokens only
     assert rec["summary"]["oracle_skip_strict"] is not None
     assert sum(rec["saturation_hist"]) == finite_tokens  # every finite token, and only those
     assert sum(clean["saturation_hist"]) == clean["probe"]["tokens"]

@@ -15,6 +15,7 @@ Sums are float64 tensors (exact for integer counts below 2**53), one entry per t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -204,12 +205,14 @@ def finalize_curve(
     ]
 
 
-def best_skip_at_consistency(curve: Sequence[dict], level: float) -> float:
+def best_skip_at_consistency(curve: Sequence[dict], level: float) -> Optional[float]:
     """Largest ``skip`` among curve points with ``consistency ≥ level`` (1e-12 slack for float rounding).
 
     ``0.0`` when no point qualifies: the full model (skip 0) is consistent by definition. Points whose skip or
-    consistency is None/NaN are ignored.
+    consistency is None/NaN are ignored. None for an empty curve (no token was measured).
     """
+    if not curve:
+        return None
     def _value(point: dict, key: str) -> float:
         value = point.get(key)
         return float("nan") if value is None else float(value)

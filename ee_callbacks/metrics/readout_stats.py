@@ -47,12 +47,12 @@ class ReadoutStats(Accumulator):
             self.sq_sums[row] += torch.stack([token_stats[key].double().square().sum() for key in self.squares]).cpu()
 
     def compute(self) -> dict:
-        """``{layer: {key: mean or None}}`` (layers without tokens are left out)."""
+        """``{layer: {key: mean or None}}`` (None everywhere for a layer without tokens)."""
         out = {}
         for layer, row in self.row.items():
             n = float(self.count[row])
-            if n > 0:
-                out[layer] = {key: finite_or_none(self.sums[row, col] / n) for col, key in enumerate(self.keys)}
+            out[layer] = {key: finite_or_none(self.sums[row, col] / n) if n > 0 else None
+                          for col, key in enumerate(self.keys)}
         return out
 
     def stderr(self) -> dict:
