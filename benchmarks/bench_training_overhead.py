@@ -1,6 +1,8 @@
 """Training time with the early-exit callbacks attached against without, and where the overhead goes (issue #17).
 
     python -m benchmarks.bench_training_overhead --reps 3 --threads 1          # every variant, alternated
+    python -m benchmarks.bench_training_overhead --reps 4 --threads 1 --variants base probe --concurrent
+                                                   # base and probe side by side, one CPU each (a shared machine)
     python -m benchmarks.bench_training_overhead --quick                       # CI-sized smoke (4 steps, 1 rep)
     python -m benchmarks.bench_training_overhead -o trainer.max_steps=200      # extra Hydra overrides for every variant
     python -m benchmarks.bench_training_overhead --variants base probe --variant 'probe/100:callbacks.ee_probe.every_n_steps=100'
@@ -27,6 +29,11 @@ medians of several repetitions are reported with their spread (min-max), ratios 
 run: wall time of ``train(cfg)``, CPU time of the run's process tree (``RUSAGE_CHILDREN``; the W&B service process
 included), the instrumentation meters, and the exit heads' quality at the last probe (mean over layers of the tuned
 lens' KL and agreement against the logit lens').
+
+On a shared machine the load changes between alternated runs by more than the few per cent being measured (the CPU
+seconds of identical work move with what the other hardware threads do). ``--concurrent`` runs a repetition's
+variants at the same time instead, each pinned to its own CPU (pinning rotated every repetition), so every variant
+of a repetition meets the same load; the CPU seconds of each run then come from ``wait4``.
 """
 
 from __future__ import annotations
@@ -117,12 +124,59 @@ def heads_quality(record) -> dict:
             "lens_kl": mean([lens[l]["kl"] for l in layers]), "lens_agree": mean([lens[l]["agree"] for l in layers])}
 
 
-def run_variant(name: str, overrides: list, args) -> dict:
+def _child_setup(name: str, overrides: list, args):
     out_dir = Path(tempfile.mkdtemp(prefix="ee_bench_" + "".join(c if c.isalnum() else "_" for c in name) + "_"))
     payload = {"overrides": overrides, "output_dir": str(out_dir), "threads": args.threads}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("WANDB_SILENT", "true")
+    command = [sys.executable, "-m", "benchmarks.bench_training_overhead", "--child", json.dumps(payload)]
+    return out_dir, payload, env, command
+
+
+def _child_result(name: str, stdout: str, stderr: str, returncode: int) -> dict:
+    if returncode != 0:
+        raise RuntimeError(f"variant {name} failed ({returncode}):\n{stderr[-4000:]}")
+    lines = [l for l in stdout.strip().splitlines() if l.startswith("{")]
+    return json.loads(lines[-1])
+
+
+def run_concurrently(named: list, args, rep: int) -> dict:
+    """Run ``[(name, overrides), ...]`` at the same time, each pinned to its own CPU (the pinning rotates with
+    ``rep``), so that every variant of a repetition meets the same machine load; CPU seconds per run come from
+    ``wait4`` (the run's process and its reaped children, the W&B service included)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(named) > len(cpus):
+        raise SystemExit(f"--concurrent runs one variant per CPU: {len(named)} variants, {len(cpus)} CPUs")
+    started = {}
+    for i, (name, overrides) in enumerate(named):
+        out_dir, _, env, command = _child_setup(name, overrides, args)
+        cpu = cpus[(i + rep) % len(cpus)]
+        # output to files, not pipes: the child is reaped by wait4 below (Popen.wait would take its rusage away)
+        stdout, stderr = (open(out_dir / f"child.{kind}", "w+") for kind in ("out", "err"))
+        proc = subprocess.Popen(command, cwd=str(REPO_ROOT), env=env, stdout=stdout, stderr=stderr, text=True,
+                                preexec_fn=lambda cpu=cpu: os.sched_setaffinity(0, {cpu}))
+        started[name] = (proc, out_dir, time.perf_counter(), cpu, stdout, stderr)
+    results = {}
+    for name, (proc, out_dir, t0, cpu, stdout, stderr) in started.items():
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        texts = []
+        for handle in (stdout, stderr):
+            handle.seek(0)
+            texts.append(handle.read())
+            handle.close()
+        if not args.keep:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        result = _child_result(name, texts[0], texts[1], proc.returncode)
+        result.update(process_wall_s=wall, tree_cpu_s=usage.ru_utime + usage.ru_stime, cpu=cpu)
+        results[name] = result
+    return results
+
+
+def run_variant(name: str, overrides: list, args) -> dict:
+    out_dir, payload, env, command = _child_setup(name, overrides, args)
     if args.in_process:
         try:
             result = child(payload)
@@ -134,16 +188,12 @@ def run_variant(name: str, overrides: list, args) -> dict:
         return result
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_training_overhead", "--child", json.dumps(payload)],
-                          cwd=str(REPO_ROOT), env=env, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.run(command, cwd=str(REPO_ROOT), env=env, capture_output=True, text=True, timeout=args.timeout)
     total_wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if not args.keep:
         shutil.rmtree(out_dir, ignore_errors=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"variant {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    lines = [l for l in proc.stdout.strip().splitlines() if l.startswith("{")]
-    result = json.loads(lines[-1])
+    result = _child_result(name, proc.stdout, proc.stderr, proc.returncode)
     result["process_wall_s"] = total_wall
     result["tree_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return result
@@ -171,7 +221,9 @@ def markdown(info: dict, args, runs: dict, overrides: list) -> str:
     base = runs.get("base") or [{"wall_s": float("nan"), "tree_cpu_s": float("nan")}] * args.reps
     out = [f"Machine: {machine_markdown(info)}", "",
            f"`train(cfg)` with overrides {overrides or '(none: the default python train.py run)'}; "
-           f"{args.reps} alternated repetitions per variant, medians with (min-max) over repetitions; ratios are "
+           f"{args.reps} " + ("concurrent repetitions (a repetition's variants run at once, one per CPU, pinned, "
+                              "rotating)" if args.concurrent else "alternated repetitions") +
+           " per variant, medians with (min-max) over repetitions; ratios are "
            f"per-repetition ratios against `base`; torch threads {args.threads or 'default'}; CPU = process-tree "
            "CPU seconds (user + system).", "",
            "| variant | probes | wall s | wall / base | CPU s | **CPU / base** |",
@@ -240,6 +292,9 @@ def parse_args(argv=None):
     p.add_argument("--keep", action="store_true", help="keep the run directories")
     p.add_argument("--in-process", action="store_true",
                    help="run the variants in this process instead of fresh interpreters (smoke tests only)")
+    p.add_argument("--concurrent", action="store_true",
+                   help="run each repetition's variants at the same time, one per CPU (pinned, rotating), so they "
+                        "meet the same machine load: for a shared machine; needs a CPU per variant")
     p.add_argument("--json-out", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -270,16 +325,20 @@ def main(argv=None) -> dict:
     log(machine_markdown(info))
     runs: dict = {name: [] for name in args.variants}
     names = list(args.variants)
+    overrides = {name: (VARIANTS[name] if name in VARIANTS else args.extra_variants[name]) + list(args.override)
+                 for name in names}
     for rep in range(args.reps):
         order = names[rep % len(names):] + names[: rep % len(names)]
+        if args.concurrent:
+            batch = run_concurrently([(name, overrides[name]) for name in names], args, rep)
         for name in order:
-            variant = VARIANTS[name] if name in VARIANTS else args.extra_variants[name]
-            res = run_variant(name, variant + list(args.override), args)
+            res = batch[name] if args.concurrent else run_variant(name, overrides[name], args)
             runs[name].append(res)
             if args.json_out:  # partial results survive an interrupted run
                 write_json(args.json_out, {"machine": info, "args": vars(args), "runs": runs})
             log(f"  rep {rep + 1}/{args.reps} {name}: {res['wall_s']:.1f}s wall, {res['tree_cpu_s']:.1f}s cpu, "
-                f"{res['probes']} probes, {res['probe_s']:.2f}s probing, heads {res.get('heads_quality')}")
+                f"{res['probes']} probes, {res['probe_s']:.2f}s probing, heads {res.get('heads_quality')}"
+                + (f", CPU {res['cpu']}" if args.concurrent else ""))
     text = markdown(info, args, runs, list(args.override))
     print(text)
     result = {"machine": info, "args": vars(args), "runs": runs, "markdown": text}

@@ -86,3 +86,18 @@ def test_bench_probe_knobs_quick_runs_every_variant():
     assert rows["layers"]["blocks"] < rows["full"]["blocks"] and rows["quarter"]["tokens"] < rows["full"]["tokens"]
     assert rows["full"]["stderr"]["oracle_skip_strict"] > 0
     assert "| variant | config |" in result["markdown"]
+
+
+def test_bench_training_overhead_concurrent_runs_pin_each_variant_to_its_own_cpu(tmp_path, monkeypatch):
+    """--concurrent: the variants of a repetition run at once, one per CPU, each run's CPU seconds from wait4."""
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")
+    monkeypatch.setenv("EE_CACHE_DIR", str(tmp_path / "cache"))
+    result = bench_training_overhead.main(["--quick", "--concurrent", "--threads", "1", "--variants", "base", "probe"])
+    base, probe = result["runs"]["base"][0], result["runs"]["probe"][0]
+    assert base["cpu"] != probe["cpu"] and (base["probes"], probe["probes"]) == (0, 2)
+    for run in (base, probe):  # the process's own CPU time is part of what wait4 reports for its tree
+        assert run["tree_cpu_s"] >= run["cpu_s"] > 0
+    assert "concurrent repetitions" in result["markdown"]
