@@ -28,15 +28,18 @@ from .probe_support import (  # default_records_path and _share_drift_reference 
     default_records_path,
     _describe_source,
     _fold_probe_keywords,
+    _logged_by_module,
     _looks_like_batch,
     _make_reduce,
     _make_wandb_extras,
+    _monitor_notes,
     _prefix,
     _probe_at_args,
     _publish_callback_metrics,
     _run_info,
     _share_drift_reference,
     _wandb_args,
+    _wandb_run,
 )
 
 __all__ = ["EarlyExitProbe", "default_records_path", "draw_probe_set", "preserved_rng", "find_language_model"]
@@ -170,6 +173,7 @@ class EarlyExitProbe(Callback):
         self._lm = None
         self._path: Optional[Path] = None
         self._extras = None
+        self._extras_run = None  # the W&B run the extras' table and declarations belong to
         self._sink_failures: set = set()
         self._pending: list = []
         self.heads_dir: Optional[str] = None  # saved exit heads (from a readout provider) uploaded with the records
@@ -241,6 +245,10 @@ class EarlyExitProbe(Callback):
         )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._resumed and self.last_probe_step is not None and \
+                (trainer.global_step == 0 or trainer.global_step < self.last_probe_step):
+            self._forget_last_run()  # a new Trainer, its steps from 0: the last fit's probes are not this run's
+        self._appended = False  # the file may be another run's: read its tail once
         if self.output_path is not None:
             self._path = self.output_path
         elif trainer.is_global_zero:  # only global rank zero writes; the W&B run exists there only
@@ -267,9 +275,17 @@ class EarlyExitProbe(Callback):
             for note in self._parts.notes:
                 log.warning("EarlyExitProbe: %s", note)
         if self.wandb_extras and trainer.is_global_zero:
-            self._extras = _make_wandb_extras(trainer, self.wandb_images)
+            run = _wandb_run(self._wandb_logger(trainer))
+            if self._extras is None or run is None or self._extras_run is not run:  # one table and chart set per run
+                self._extras, self._extras_run = _make_wandb_extras(trainer, self.wandb_images), run
             if self._extras is not None:
                 self._safe(lambda: self._extras.log_config(self._wandb_logger(trainer), self._config_payload()), "wandb")
+
+    def _forget_last_run(self) -> None:
+        self.history, self.last_records, self._drift_state = [], {}, {}
+        self.last_probe_step, self._probe_ended = None, None
+        if self.cadence is not None:
+            self.cadence.load_state_dict({})
 
     def _prove(self, trainer: Trainer, pl_module: LightningModule, prepared: dict, parts):
         """The parts, proven on the first rows of the first probe batch against the model's own logits."""
@@ -297,6 +313,9 @@ class EarlyExitProbe(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._resumed and trainer.is_global_zero:
             self._drop_records_after_resume()
+        if trainer.is_global_zero:  # the validation cadence is known from here on
+            for note in _monitor_notes(trainer, self.every_n_steps, self.probe_at_start, self.cadence is not None):
+                warnings.warn(f"EarlyExitProbe: {note}", RuntimeWarning)
         if self.probe_at_start and trainer.global_step == 0 and self.last_probe_step is None:
             self._probe(trainer, pl_module)
 
@@ -322,6 +341,7 @@ class EarlyExitProbe(Callback):
             self._write_pending_or_raise()
         # providers write their artifacts (e.g. saved exit heads) now, whatever the callbacks' order
         self.heads_dir = provider_artifacts(trainer.callbacks, trainer.is_global_zero, exclude=self) or self.heads_dir
+        self._resumed = False  # a later fit of this callback starts from its own checkpoint or from scratch
         if trainer.is_global_zero:
             if self.print_table and self.last_records:
                 for name, record in self.last_records.items():
@@ -475,6 +495,11 @@ class EarlyExitProbe(Callback):
         self.last_records[name] = data
         self.history.append({"set": name, "step": data["step"], "summary": data["summary"], "layers": data["layers"]})
         metrics = flatten_record_metrics(data, _prefix(name))
+        theirs = _logged_by_module(trainer)
+        if theirs:
+            self._warn_once("clash", f"EarlyExitProbe: the LightningModule logs {theirs} itself (self.log), inside "
+                            "the probe's 'ee/' namespace: a key the probe logs too mixes both values in every logger "
+                            "and a monitor sees whichever came last; rename yours (e.g. 'my_ee/...')")
         if self._extras is not None:  # hidden/visible and summary modes must be declared before the first log
             with self.costs.measure("wandb"):
                 self._safe(lambda: self._extras.define_metrics(self._wandb_logger(trainer), metrics, name), "wandb")

@@ -225,3 +225,54 @@ def _fold_probe_keywords(keywords: Mapping, probe_set, cadence, wandb, probe_at)
         groups["wandb"] = wandb
     at = {"start": start, "end": end, **(groups["probe_at"] or {})}
     return groups["probe_set"], groups["cadence"], groups["wandb"], [p for p in ("start", "end") if at[p]]
+
+
+def _wandb_run(logger):
+    """The W&B run of a ``WandbLogger`` (None without one, or when W&B failed to start: the extras then warn)."""
+    with contextlib.suppress(Exception):
+        return logger.experiment if logger is not None else None
+    return None
+
+
+def _logged_by_module(trainer: Trainer) -> list:
+    """Keys in the probe's ``ee/`` namespace that the module logs itself: the probe logs past ``self.log``, so only
+    the user's own keys reach ``trainer.logged_metrics``."""
+    return sorted(key for key in trainer.logged_metrics if key == "ee" or key.startswith("ee/"))
+
+
+def _monitor_notes(trainer: Trainer, every_n_steps: int, probe_at_start: bool, adaptive: bool) -> list:
+    """What a ModelCheckpoint / EarlyStopping that watches a probe figure should know about the probe's cadence."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    notes = []
+    for callback in trainer.callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if not isinstance(monitor, str) or not monitor.startswith("ee/"):
+            continue
+        name = f"{type(callback).__name__}(monitor={monitor!r})"
+        if not probe_at_start:
+            notes.append(f"{name} watches a probe figure, which exists only once the first probe ran (step "
+                         f"{every_n_steps}): a check before then finds no value and Lightning says the key is not "
+                         "available; keep probe_at=['start'] (the default) so that it exists from step 0")
+        checks = _steps_between_checks(trainer, callback) if isinstance(callback, EarlyStopping) else None
+        if checks is not None and (adaptive or checks < every_n_steps):
+            notes.append(f"{name} checks every {checks:g} optimizer steps, more often than the probe runs (every "
+                         f"{every_n_steps}{' or more' if adaptive else ''} steps): a check between probes sees the "
+                         "last probe's value again and counts it as no improvement, so patience="
+                         f"{callback.patience} counts checks, not probes; validate at the probe's cadence "
+                         f"(val_check_interval={every_n_steps} batches × accumulation) or raise patience")
+    return notes
+
+
+def _steps_between_checks(trainer: Trainer, early_stopping) -> Optional[float]:
+    """Optimizer steps between two EarlyStopping checks (None when unknown or when it never checks)."""
+    accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
+    if getattr(early_stopping, "_check_on_train_epoch_end", False):
+        batches = trainer.num_training_batches
+    elif getattr(trainer, "enable_validation", True):
+        batches = getattr(trainer, "val_check_batch", None)
+    else:
+        return None
+    if not isinstance(batches, (int, float)) or isinstance(batches, bool) or not math.isfinite(batches):
+        return None
+    return max(1.0, batches / accumulate)

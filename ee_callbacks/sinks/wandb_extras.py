@@ -83,6 +83,8 @@ class WandbExtras:
     * ``trainer/global_step`` — the probe's training step (``step_key``; None leaves it out).
 
     The charts' data tables are logged by W&B under ``Custom Chart Tables/<chart key>_table`` (their own section).
+    A ``WandbLogger(prefix="exp")`` writes every key but ``trainer/global_step`` as ``exp-<key>``: the keys declared
+    and logged here get the same prefix, so declarations and charts sit with the logger's scalars.
     An entry whose data is missing from the record is left out of the row.
 
     ``log_config`` — the probe configuration into ``run.config["ee_probe"]``.
@@ -150,14 +152,15 @@ class WandbExtras:
         """Declare the scalar keys not declared yet (hidden or visible, summary mode); call before logging them."""
         try:
             run = _resolve_run(logger_or_run)
+            prefix = logger_prefix(logger_or_run)  # the keys as the logger writes them: WandbLogger(prefix=...)
             if self.step_key and self.step_key not in self._declared:
                 run.define_metric(self.step_key)
                 self._declared.add(self.step_key)
             for key in keys:
-                if key not in self._declared and key != self.step_key:
+                if prefix + key not in self._declared and key != self.step_key:
                     # a '.' in a W&B metric name means nesting unless escaped (skip_at_consistency_0.99/...)
-                    run.define_metric(key.replace(".", "\\."), **self.metric_definition(key, set_name))
-                    self._declared.add(key)
+                    run.define_metric((prefix + key).replace(".", "\\."), **self.metric_definition(key, set_name))
+                    self._declared.add(prefix + key)
             return True
         except Exception as error:
             self._warn_once("define_metrics", error)
@@ -187,8 +190,9 @@ class WandbExtras:
         try:
             run = _resolve_run(logger_or_run)
             row = self.probe_row(record, history, set_name)
+            prefix = logger_prefix(logger_or_run)  # beside the logger's own keys, as its log_table would put them
             if row:
-                run.log(row)
+                run.log({key if key == self.step_key else prefix + key: value for key, value in row.items()})
             return True
         except Exception as error:
             self._warn_once("log_probe", error)
@@ -423,6 +427,15 @@ def _resolve_run(logger_or_run: Any) -> Any:
     if not callable(getattr(run, "log", None)):
         raise TypeError(f"expected a Lightning WandbLogger or a wandb run, got {type(logger_or_run).__name__}")
     return run
+
+
+def logger_prefix(logger_or_run: Any) -> str:
+    """What a Lightning logger puts before every key it logs: ``"exp-"`` for ``WandbLogger(prefix="exp")``, else
+    ``""`` (a bare wandb run has none). Lightning adds it in ``log_metrics`` (``trainer/global_step`` excepted)."""
+    prefix = getattr(logger_or_run, "_prefix", None) if hasattr(logger_or_run, "experiment") else None
+    if not isinstance(prefix, str) or not prefix:
+        return ""
+    return prefix + str(getattr(logger_or_run, "LOGGER_JOIN_CHAR", "-"))
 
 
 def _bulk_table(columns: list[str], rows: list[list[Any]]):
