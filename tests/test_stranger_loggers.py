@@ -210,7 +210,8 @@ def test_two_fits_in_one_process_land_in_their_own_runs(tmp_path):
 
     # two Trainers on one WandbLogger: one run, both fits' probes, one table that keeps growing
     probe, logger = _probe(), WandbLogger(save_dir=str(tmp_path / "same"))
-    for _ in range(2):
+    _fit(tmp_path / "same", probe, logger)
+    with pytest.warns(RuntimeWarning, match="starts again at step 0 and appends to the last fit's .*two series"):
         _fit(tmp_path / "same", probe, logger)
     wandb.finish()
     records = read_records(probe._path)

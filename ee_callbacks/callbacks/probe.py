@@ -245,16 +245,22 @@ class EarlyExitProbe(Callback):
         )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._resumed and self.last_probe_step is not None and \
-                (trainer.global_step == 0 or trainer.global_step < self.last_probe_step):
+        restarted = not self._resumed and self.last_probe_step is not None and \
+            (trainer.global_step == 0 or trainer.global_step < self.last_probe_step)
+        if restarted:
             self._forget_last_run()  # a new Trainer, its steps from 0: the last fit's probes are not this run's
-        self._appended = False  # the file may be another run's: read its tail once
+        self._appended, previous = False, self._path  # the file may be another run's: read its tail once
         if self.output_path is not None:
             self._path = self.output_path
         elif trainer.is_global_zero:  # only global rank zero writes; the W&B run exists there only
             self._path = default_records_path(trainer)
         if trainer.is_global_zero:
             _check_writable(self._path)
+            if restarted and previous == self._path:
+                warnings.warn(f"EarlyExitProbe: this fit starts again at step {trainer.global_step} and appends to "
+                              f"the last fit's {self._path}, which will hold two series over the same steps (readers "
+                              "keep the later record of a step): give each fit its own output_path= or logger",
+                              RuntimeWarning)
         self._lm = find_language_model(pl_module, self.model_attr)
         self._sets = self._resolve_sets(trainer, pl_module)
         _check_not_shared(trainer, self)
