@@ -292,38 +292,101 @@ def _groups(kinds):
     return groups
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_heads_on_a_family(name, tmp_path):
-    kinds = CASES[name]
-    plain, plain_rec, _, _ = _fit(name, tmp_path / "plain")
-    module, rec, heads, _ = _fit(name, tmp_path / "heads", kinds=_groups(kinds))
+def check_run(name, root, kinds, tolerance=1e-4, heads_kw=None, **trainer_kw):
+    """Fit without and with heads (and probe); check identity, the hand computation and learning; return the figures
+    of the report: the largest deviation per kind, the KL ratios per kind and layer, the confidence BCEs."""
+    plain, plain_rec, _, _ = _fit(name, root / "plain", **trainer_kw)
+    module, rec, heads, _ = _fit(name, root / "heads", kinds=_groups(kinds), heads_kw=heads_kw, **trainer_kw)
     # training is unchanged
-    assert len(rec.losses) == STEPS and torch.equal(torch.stack(plain_rec.losses), torch.stack(rec.losses)), name
+    assert len(rec.losses) == len(plain_rec.losses) and torch.equal(torch.stack(plain_rec.losses),
+                                                                    torch.stack(rec.losses)), name
     for key, value in plain.state_dict().items():
         assert torch.equal(value, module.state_dict()[key]), (name, key)
-    assert all(h.head_steps == STEPS for h in heads)
-    start, end = _records(tmp_path / "heads")
+    assert all(h.head_steps == STEPS for h in heads)  # once per optimizer step
+    start, end = _records(root / "heads")
     assert (start["step"], end["step"]) == (0, STEPS)
     # the probe's figures equal the hand computation on the saved heads
     hand = {}
     for i in range(len(heads)):
-        hand.update(hand_record(name, module.net, tmp_path / "heads" / f"heads{i}", _probe_batch(name), build(name)))
+        hand.update(hand_record(name, module.net, root / "heads" / f"heads{i}", _probe_batch(name), build(name)))
     worst = compare(end, hand)
     # the heads learn: at step 0 a tuned lens / mlp is the logit lens; at the end every head's KL (on the final
     # model) is below LEARNED × that of the head as built (tuned lens, mlp: the logit lens; linear: its initial copies)
     lens_start = {row["layer"]: row["kl"] for row in start["layers"]}
     ratios = {kind: [round(last["kl"] / hand[kind]["fresh_kl"][last["layer"]], 3) for last in end["heads"][kind]]
               for kind in kinds if kind != "confidence"}
-    print(f"\n{name}: largest deviation from the float64 hand computation {worst}; head KL / fresh head KL {ratios}; "
-          f"BCE {[round(row['bce'], 3) for row in hand['confidence']['rows']]}")
+    bce = [round(row["bce"], 3) for row in hand["confidence"]["rows"]]
+    print(f"\n{root.name} {name}: largest deviation from the float64 hand computation {worst}; "
+          f"head KL / fresh head KL {ratios}; BCE {bce}")
     for kind in ratios:
         for first in start["heads"][kind]:
-            assert first["kl"] == pytest.approx(lens_start[first["layer"]], rel=1e-4, abs=1e-6), (name, kind)
+            assert first["kl"] == pytest.approx(lens_start[first["layer"]], rel=tolerance, abs=1e-6), (name, kind)
     for kind, err in worst.items():
-        assert err <= 1e-4, (name, kind, err)
+        assert err <= tolerance, (name, kind, err)
     for kind, values in ratios.items():
         assert max(values) < LEARNED, (name, kind, values)
     # the classifiers beat their zero init (BCE ln 2) on the layers whose target has a clear base rate (a lens agreement
     # near ½ on a tiny random model leaves nothing to learn in 24 steps)
     clear = [row["bce"] for row in hand["confidence"]["rows"] if abs(row["lens_agree"] - 0.5) >= 0.1]
     assert clear and np.mean(clear) < math.log(2), (name, hand["confidence"]["rows"])
+    return end, hand
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_heads_on_a_family(name, tmp_path):
+    check_run(name, tmp_path, CASES[name])
+
+
+@pytest.fixture
+def deeper_neox(monkeypatch):
+    """GPT-NeoX with 5 blocks, so that a stride of 2 heads blocks 2 and 4."""
+    family = FAMILIES["gpt_neox"]
+    import dataclasses
+
+    from tests.family_reference import _DECODER, _hf
+
+    monkeypatch.setitem(FAMILIES, "gpt_neox5", dataclasses.replace(family, build=_hf(
+        "GPTNeoXForCausalLM", "GPTNeoXConfig", **{**_DECODER, "num_hidden_layers": 5}, tie_word_embeddings=False)))
+    return "gpt_neox5"
+
+
+def test_heads_on_every_second_block(deeper_neox, tmp_path):
+    end, _ = check_run(deeper_neox, tmp_path, ["tuned_lens", "confidence", "mlp"], heads_kw={"layers": 2})
+    assert {kind: [row["layer"] for row in rows] for kind, rows in end["heads"].items()} == \
+        {"tuned_lens": [2, 4], "confidence": [2, 4], "mlp": [2, 4]}
+
+
+def test_heads_with_gradient_accumulation(tmp_path):
+    check_run("opt", tmp_path, ["tuned_lens", "confidence", "linear"], accumulate_grad_batches=2)
+
+
+def test_heads_under_bf16_mixed(tmp_path):
+    check_run("gpt_neox", tmp_path, ["tuned_lens", "confidence", "mlp"], precision="bf16-mixed")
+
+
+def test_resumed_heads_equal_the_uninterrupted_run(tmp_path):
+    """Mamba2 (no embedding entry in its hidden states), tuned lens + confidence and a linear head: one epoch,
+    checkpoint, resume for two more (end-of-epoch: Lightning replays a plain DataLoader exactly only from there)
+    gives the heads, their optimizer states and the probe's head figures of three uninterrupted epochs."""
+    groups = _groups(["tuned_lens", "confidence", "linear"])
+    full_module, _, full, _ = _fit("mamba2", tmp_path / "full", kinds=groups, epochs=3)
+    _, _, first, trainer = _fit("mamba2", tmp_path / "part", kinds=groups, epochs=1)
+    assert [h.head_steps for h in first] == [8, 8]
+    trainer.save_checkpoint(tmp_path / "part.ckpt")
+    module, _, resumed, _ = _fit("mamba2", tmp_path / "part", kinds=groups, epochs=3, ckpt=str(tmp_path / "part.ckpt"))
+    for key, value in full_module.state_dict().items():
+        assert torch.equal(value, module.state_dict()[key]), key
+    for a, b in zip(full, resumed):
+        assert a.head_steps == b.head_steps == 24
+        for key, value in a.heads.state_dict().items():
+            assert torch.equal(value, b.heads.state_dict()[key]), key
+        opt_a, opt_b = a._optimizer.state_dict()["state"], b._optimizer.state_dict()["state"]
+        assert opt_a.keys() == opt_b.keys() and opt_a
+        for index in opt_a:
+            for key, value in opt_a[index].items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b[index][key])), (index, key)
+    want, got = _records(tmp_path / "full")[-1], _records(tmp_path / "part")[-1]
+    assert got["step"] == want["step"] == 24
+    assert got["heads"] == want["heads"] and got["curves"] == want["curves"]
+    assert not torch.equal(first[0].heads.state_dict()["tuned_lens.per_layer.1.weight"],
+                           full[0].heads.state_dict()["tuned_lens.per_layer.1.weight"])  # epochs 2-3 did something
