@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
-from ee_callbacks import EarlyExitProbe, ExitHeads, read_records
+from ee_callbacks import EarlyExitProbe, ExitHeads, read_records, run_probe
+from ee_callbacks.readouts import load_exit_heads
 from tests import probe_reference as ref
 from tests.family_reference import FAMILIES, V, build, reference_states
 from tests.helpers import one_thread  # noqa: F401
@@ -313,6 +314,14 @@ def check_run(name, root, kinds, tolerance=1e-4, heads_kw=None, **trainer_kw):
     for i in range(len(heads)):
         hand.update(hand_record(name, module.net, root / "heads" / f"heads{i}", _probe_batch(name), build(name)))
     worst = compare(end, hand)
+    # the saved heads loaded back onto the trained model (fingerprint checked) give run_probe the callback's figures
+    loaded = {}
+    for i in range(len(heads)):
+        loaded.update(load_exit_heads(root / "heads" / f"heads{i}", module.net))
+    again = run_probe(module.net.eval(), [_probe_batch(name)], readouts=loaded).to_dict()
+    for kind, rows in end["heads"].items():
+        for got, want in zip(again["heads"][kind], rows, strict=True):
+            assert got == pytest.approx(want, rel=1e-6, abs=1e-7), (name, kind)
     # the heads learn: at step 0 a tuned lens / mlp is the logit lens; at the end every head's KL (on the final
     # model) is below LEARNED × that of the head as built (tuned lens, mlp: the logit lens; linear: its initial copies)
     lens_start = {row["layer"]: row["kl"] for row in start["layers"]}
