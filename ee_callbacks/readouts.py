@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .model_parts import ModelParts, ModelPartsError, find_model_parts, unwrap_model
+from .model_parts import ModelParts, ModelPartsError, find_model_parts, prove_model_parts, unwrap_model
 
 __all__ = [
     "HEAD_KINDS",
@@ -420,7 +420,8 @@ def _model_meta(parts: ModelParts) -> dict:
     weight = _unembed_weight(parts)
     return {
         "n_layers": parts.n_layers,
-        "d_model": int(weight.shape[1]),
+        "d_model": int(weight.shape[1]),  # what the unembedding reads (OPT's project_out narrows it)
+        "hidden_size": SharedHead(parts).d_model,  # the blocks' width: what the heads read
         "vocab": int(weight.shape[0]),
         "blocks": parts.blocks_path,
         "final_norm": parts.final_norm_path,
@@ -457,6 +458,26 @@ def save_exit_heads(directory: Union[str, Path], heads: Mapping[str, ExitReadout
     return directory
 
 
+def _load_parts(model: nn.Module, meta: dict) -> ModelParts:
+    """The model's parts at the saved module paths, proven on a few seeded random token ids: only a proof knows the
+    blocks' width where the final path changes it (OPT's ``project_out``: the heads read 32 wide, the unembedding 16)
+    and a logit scale the config does not declare. Where the model cannot run on such ids, the structural parts."""
+    paths = {key: meta.get(key) for key in ("blocks", "final_norm", "unembed") if meta.get(key)}
+    try:
+        parts = find_model_parts(model, **paths)
+    except ModelPartsError:
+        paths = {}
+        parts = find_model_parts(model)
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = int(getattr(embedding, "num_embeddings", None) or meta.get("vocab") or 2)
+    device = _unembed_weight(parts).device
+    ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        return prove_model_parts(model, ids, **paths)
+    except Exception:  # noqa: BLE001 — e.g. a model that needs more than input_ids: the size check speaks next
+        return parts
+
+
 def load_exit_heads(directory: Union[str, Path], model: nn.Module, parts: Optional[ModelParts] = None,
                     check_fingerprint: bool = True, device=None, kinds: Optional[Iterable[str]] = None) -> dict:
     """Load heads saved by :func:`save_exit_heads` (or ``ExitHeads.save``) onto ``model``: ``{kind: readout}``.
@@ -464,7 +485,7 @@ def load_exit_heads(directory: Union[str, Path], model: nn.Module, parts: Option
     Args:
         directory: the saved heads.
         model: the language model they were trained against (its norm and unembedding are shared, not copied).
-        parts: the model's parts (found when None).
+        parts: the model's parts (found at the saved module paths and proven on a few random token ids when None).
         check_fingerprint: refuse (``ExitHeadsMismatchError``) a model whose final norm/unembedding differ from the
             ones the heads were trained against. Sizes (layers, d, V) are always checked.
         device: where the heads go (default: the device of the model's unembedding).
@@ -483,19 +504,15 @@ def load_exit_heads(directory: Union[str, Path], model: nn.Module, parts: Option
         raise ValueError(f"{cfg_path} is not an ee_callbacks exit-heads config of version ≤ {FORMAT_VERSION}")
     model = unwrap_model(model)
     if parts is None:
-        meta = config.get("model", {})
-        paths = {key: meta.get(key) for key in ("blocks", "final_norm", "unembed") if meta.get(key)}
-        try:
-            parts = find_model_parts(model, **paths)
-        except ModelPartsError:
-            parts = find_model_parts(model)
+        parts = _load_parts(model, config.get("model", {}))
     saved = config["model"]
     here = _model_meta(parts)
-    diffs = [f"{key}: saved {saved.get(key)} vs model {here[key]}" for key in ("n_layers", "d_model", "vocab")
-             if saved.get(key) != here[key]]
+    diffs = [f"{key}: saved {saved.get(key)} vs model {here[key]}"
+             for key in ("n_layers", "d_model", "hidden_size", "vocab") if key in saved and saved[key] != here[key]]
     if diffs:
         raise ExitHeadsMismatchError(
-            f"the exit heads in {directory} were trained for another model ({'; '.join(diffs)})"
+            f"the exit heads in {directory} were trained for another model ({'; '.join(diffs)}); if it is the same "
+            "model, pass parts=ee_callbacks.prove_model_parts(model, input_ids)"
         )
     if check_fingerprint:
         want = config.get("fingerprint", {})

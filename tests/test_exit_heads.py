@@ -15,19 +15,12 @@ from ee_callbacks import EarlyExitProbe, ExitHeads, find_model_parts
 from ee_callbacks.capture import HiddenStateCapture
 from ee_callbacks.readouts import (ExitHeadsMismatchError, HeadTargets, build_readout, head_fingerprint,
                                    load_exit_heads)
-from tests.helpers import TinyLM, loaders, pattern_tokens, tiny_gpt2, tiny_llama
+from tests.helpers import TinyLM, loaders, one_thread, pattern_tokens, tiny_gpt2, tiny_llama  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL_KINDS = ["tuned_lens", "linear", "mlp", "confidence"]
 PROBE = pattern_tokens(16, 24, 64, 7)  # held-out sequences (training uses seed 0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these models are tiny: one intra-op thread is several times faster than two on a shared machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _trainer(root, callbacks, max_steps, logger=False, **kw):

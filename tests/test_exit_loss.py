@@ -7,15 +7,9 @@ import torch
 from ee_callbacks import EarlyExitLoss, find_model_parts
 from ee_callbacks.capture import HiddenStateCapture
 from ee_callbacks.exit_loss import EarlyExitAwareLM, LayerDropout, next_token_ce
-from tests.helpers import TinyLM, loaders, pattern_tokens, tiny_gpt2, tiny_llama
+from tests.helpers import TinyLM, loaders, one_thread, pattern_tokens, tiny_gpt2, tiny_llama  # noqa: F401
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _forward_with_states(model, ids):
