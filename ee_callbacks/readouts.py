@@ -458,14 +458,19 @@ def save_exit_heads(directory: Union[str, Path], heads: Mapping[str, ExitReadout
     return directory
 
 
-def _load_parts(model: nn.Module, meta: dict) -> ModelParts:
-    """The model's parts at the saved module paths, proven on a few seeded random token ids: only a proof knows the
-    blocks' width where the final path changes it (OPT's ``project_out``: the heads read 32 wide, the unembedding 16)
-    and a logit scale the config does not declare. Where the model cannot run on such ids, the structural parts."""
-    paths = {key: meta.get(key) for key in ("blocks", "final_norm", "unembed") if meta.get(key)}
+def proven_parts(model: nn.Module, meta: dict, strict: bool = False) -> ModelParts:
+    """The model's parts at the module paths in ``meta`` (``blocks``, ``final_norm``, ``unembed``; saved heads' paths
+    or a user's hints), proven on a few seeded random token ids: only a proof knows the blocks' width where the final
+    path changes it (OPT's ``project_out``: the heads read 32 wide, the unembedding 16) and a logit scale the config
+    does not declare. Where the model cannot run on such ids, the structural parts. Paths that do not resolve are an
+    error when ``strict`` (a user's hints), else dropped (saved paths of a renamed model)."""
+    given = (lambda value: value is not None) if strict else bool  # a user's final_norm="" means "no final norm"
+    paths = {key: meta.get(key) for key in ("blocks", "final_norm", "unembed") if given(meta.get(key))}
     try:
         parts = find_model_parts(model, **paths)
     except ModelPartsError:
+        if strict:
+            raise
         paths = {}
         parts = find_model_parts(model)
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -504,7 +509,7 @@ def load_exit_heads(directory: Union[str, Path], model: nn.Module, parts: Option
         raise ValueError(f"{cfg_path} is not an ee_callbacks exit-heads config of version ≤ {FORMAT_VERSION}")
     model = unwrap_model(model)
     if parts is None:
-        parts = _load_parts(model, config.get("model", {}))
+        parts = proven_parts(model, config.get("model", {}))
     saved = config["model"]
     here = _model_meta(parts)
     diffs = [f"{key}: saved {saved.get(key)} vs model {here[key]}"

@@ -434,3 +434,23 @@ def test_resumed_heads_equal_the_uninterrupted_run(tmp_path):
     assert got["heads"] == want["heads"] and got["curves"] == want["curves"]
     assert not torch.equal(first[0].heads.state_dict()["tuned_lens.per_layer.1.weight"],
                            full[0].heads.state_dict()["tuned_lens.per_layer.1.weight"])  # epochs 2-3 did something
+
+
+def test_heads_built_by_hand_without_parts_read_the_blocks_width(one_thread):
+    """``ExitHeads().build(model)`` with no parts proves them as fit start does: OPT's blocks are 32 wide, its
+    unembedding reads 16 after ``project_out``; heads built on the unproven guess were 16 wide and failed on h_ℓ."""
+    model = build("opt").eval()
+    heads = ExitHeads(kinds=["tuned_lens", "linear", "mlp", "confidence"], layers=[1, 2]).build(model)
+    ids = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+    assert hidden.shape[-1] == model.config.hidden_size == 2 * model.config.word_embed_proj_dim
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    with torch.no_grad():
+        for kind, head in heads.items():
+            out = head.confidence(flat, 1) if kind == "confidence" else head.logits(flat, 1)
+            assert out.shape[0] == flat.shape[0] and torch.isfinite(out).all(), kind
+            if kind != "confidence":
+                assert out.shape[-1] == model.config.vocab_size
+    with pytest.raises(Exception, match="no_such"):  # a user's hint that names nothing is an error, not dropped
+        ExitHeads(final_norm="no_such.module").build(build("opt"))

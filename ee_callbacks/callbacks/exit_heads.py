@@ -24,6 +24,7 @@ from ..readouts import (
     HeadTargets,
     build_readout,
     load_exit_heads,
+    proven_parts,
     resolve_layers,
     save_exit_heads,
 )
@@ -251,8 +252,8 @@ class ExitHeads(Callback):
         ``{kind: readout}``."""
         if self.heads is not None and self._lm is lm:
             return dict(self.heads.items())
-        if parts is None:
-            parts = find_model_parts(lm, **self.part_paths)
+        if parts is None:  # proven, as fit start does: a structural guess misses OPT's final path and its width
+            parts = proven_parts(lm, self.part_paths, strict=True)
         if parts.unembed is None:
             raise ModelPartsError("ExitHeads needs the model's unembedding (LM head) to train exit heads; pass "
                                   "unembed='path.to.lm_head' if discovery missed it")
