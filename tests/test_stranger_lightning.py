@@ -460,3 +460,16 @@ def test_unknown_logger_and_a_resume_with_ckpt_path(tmp_path):
         for record in records:
             assert logged[record["step"]]["ee/ce/layer_01"] == pytest.approx(record["layers"][1]["ce"], rel=1e-6)
     check_record(b[-1], module.net, [{"input_ids": PROBE}])
+
+
+def test_fast_dev_run_writes_its_records_where_a_run_without_logger_does(tmp_path):
+    """fast_dev_run swaps the user's logger for Lightning's DummyLogger: the records go to the root directory (as
+    without a logger), not to an 'ee_probes/DummyLogger/...' directory named after the stand-in."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    probe = EarlyExitProbe(every_n_steps=1, probe_data=PROBE, print_table=False, wandb=False)
+    trainer = L.Trainer(fast_dev_run=2, callbacks=[probe], logger=CSVLogger(str(tmp_path / "csv")),
+                        default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(HFLM(), tensor_loader(8))
+    assert [r["step"] for r in read_records(tmp_path / "ee_probes.jsonl")] == [0, 1, 2]
+    assert not (tmp_path / "ee_probes").exists() and not (tmp_path / "csv").exists()

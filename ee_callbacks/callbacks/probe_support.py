@@ -34,10 +34,12 @@ def default_records_path(trainer: Trainer) -> Path:
     - a ``WandbLogger``: the W&B run's own directory (``wandb/run-<time>-<id>/files``, synced with the run);
     - a ``TensorBoardLogger`` / ``CSVLogger``: its ``log_dir`` (``<save_dir>/<name>/version_<n>``);
     - any other logger: ``<default_root_dir>/ee_probes/<logger name>/<version or run id>/``;
-    - no logger: ``default_root_dir`` itself (as Lightning's own checkpoints: without a logger there is no run
-      identity, so the directory is the run's; give each run its own, or pass ``output_path``).
+    - no logger (``fast_dev_run``'s stand-in included): ``default_root_dir`` itself (as Lightning's own
+      checkpoints: without a logger there is no run identity, so the directory is the run's; give each run its own,
+      or pass ``output_path``).
     """
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+    from lightning.pytorch.loggers.logger import DummyLogger
 
     root = Path(trainer.default_root_dir)
     for lg in trainer.loggers:
@@ -50,6 +52,8 @@ def default_records_path(trainer: Trainer) -> Path:
         if isinstance(lg, (TensorBoardLogger, CSVLogger)) and lg.log_dir:
             return Path(lg.log_dir) / "ee_probes.jsonl"
     for lg in trainer.loggers:
+        if isinstance(lg, DummyLogger):  # fast_dev_run's stand-in: no run of its own, so no directory of its own
+            continue
         with contextlib.suppress(Exception):
             name, version = lg.name, lg.version
             if version is not None:
