@@ -76,14 +76,15 @@ def timed(fn, device: str) -> float:
 
 
 def probe_vs_floor(model, batches, args, dtype_name: str) -> dict:
-    from ee_callbacks import ProbeConfig, find_model_parts, run_probe
+    from ee_callbacks import ProbeConfig, run_probe
+    from ee_callbacks.model_proof import prove_on_probe_set
 
-    parts = find_model_parts(model)
+    parts = prove_on_probe_set(model, batches)  # once, as a callback does at fit start
     config = ProbeConfig(chunk_tokens=args.chunk_tokens, dtype=dtype_name)
     rdtype = getattr(torch, dtype_name)
     warm = [batches[0][:1, :16]]
     baselines.floor_pass(model, parts, warm, rdtype, reuse_buffers=True)
-    run_probe(model, warm, config=config)
+    run_probe(model, warm, config=config, parts=parts)
     times: dict = {"floor": [], "probe": []}
     record = None
     for rep in range(args.reps):
@@ -94,7 +95,8 @@ def probe_vs_floor(model, batches, args, dtype_name: str) -> dict:
                                                                       reuse_buffers=True), args.device))
             else:
                 box = {}
-                times[name].append(timed(lambda: box.update(r=run_probe(model, batches, config=config)), args.device))
+                times[name].append(timed(lambda: box.update(r=run_probe(model, batches, config=config, parts=parts)),
+                                         args.device))
                 record = box["r"]
             log(f"  probe/floor rep {rep + 1}/{args.reps} {name}: {times[name][-1]:.3f}s")
     return {"times": times, "floor_s": median(times["floor"]), "probe_s": median(times["probe"]),
@@ -125,7 +127,10 @@ def training_overhead(model, probe_batches, args, dtype_name: str) -> dict:
     """Steps of a plain bf16 training loop with and without ``run_probe`` every N steps, alternated."""
     from ee_callbacks import ProbeConfig, run_probe
 
+    from ee_callbacks.model_proof import prove_on_probe_set
+
     config = ProbeConfig(chunk_tokens=args.chunk_tokens, dtype=dtype_name)
+    parts = prove_on_probe_set(model, probe_batches)  # once, as a callback does at fit start
     fused = str(args.device).startswith("cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused) if fused else \
         torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -148,13 +153,14 @@ def training_overhead(model, probe_batches, args, dtype_name: str) -> dict:
             step_s.append(timed(step, args.device))
             if with_probe and (i + 1) % args.every_n_steps == 0:
                 model.eval()
-                probe_s.append(timed(lambda: run_probe(model, probe_batches, config=config), args.device))
+                probe_s.append(timed(lambda: run_probe(model, probe_batches, config=config, parts=parts),
+                                     args.device))
         _sync(args.device)
         return {"wall_s": time.perf_counter() - t0, "step_s": median(step_s), "probe_s": median(probe_s)}
 
     step()  # warm-up: kernels, optimizer state
     model.eval()
-    run_probe(model, [probe_batches[0][:1, :16]], config=config)
+    run_probe(model, [probe_batches[0][:1, :16]], config=config, parts=parts)
     runs: dict = {"train": [], "train+probe": []}
     for rep in range(args.reps):
         order = ["train", "train+probe"] if rep % 2 == 0 else ["train+probe", "train"]

@@ -100,7 +100,7 @@ def bench_cell(L: int, V: int, args, extra_probes: dict) -> dict:
     naive_out: dict = {}
 
     def probe(name="probe", fn=run_probe, config=cfg, data=batches):
-        records[name] = fn(model, data, config=config)
+        records[name] = fn(model, data, config=config, parts=parts)  # parts proven once, as a callback does
 
     methods = {
         "floor": lambda: baselines.floor_pass(model, parts, batches, rdtype, reuse_buffers=True),
@@ -127,7 +127,7 @@ def bench_cell(L: int, V: int, args, extra_probes: dict) -> dict:
     warm = [ids[:1, : min(ids.shape[1], 16)]]
     baselines.floor_pass(model, parts, warm, rdtype, reuse_buffers=True)
     baselines.floor_pass(model, parts, warm, rdtype)
-    run_probe(model, warm, config=cfg)
+    run_probe(model, warm, config=cfg, parts=parts)
     for name, module_name in extra_probes.items():
         fn, Cfg = _probe_fn(module_name)
         fn(model, warm, config=Cfg(chunk_tokens=args.chunk_tokens, dtype=args.dtype))
@@ -200,9 +200,9 @@ def memory_child(payload: dict) -> dict:
     cfg = ProbeConfig(chunk_tokens=chunk, dtype=dtype)
     if "=" in method:  # NAME=MODULE: another run_probe implementation
         other_run, other_cfg = _probe_fn(method.split("=", 1)[1])
-        fn = lambda data: other_run(model, data, config=other_cfg(chunk_tokens=chunk, dtype=dtype))  # noqa: E731
+        fn = lambda data: other_run(model, data, config=other_cfg(chunk_tokens=chunk, dtype=dtype), parts=parts)  # noqa: E731,E501
     elif method == "probe":
-        fn = lambda data: run_probe(model, data, config=cfg)  # noqa: E731
+        fn = lambda data: run_probe(model, data, config=cfg, parts=parts)  # noqa: E731
     elif method == "floor":
         fn = lambda data: baselines.floor_pass(model, parts, data, getattr(torch, dtype), reuse_buffers=True)  # noqa: E731
     elif method == "floor_fresh":
