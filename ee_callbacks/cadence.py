@@ -13,7 +13,16 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
 
-__all__ = ["AdaptiveCadence", "CadenceDecision", "CostMeter"]
+__all__ = ["AdaptiveCadence", "CadenceDecision", "CostMeter", "reaches_multiple"]
+
+
+def reaches_multiple(before: Optional[int], step: int, every_n_steps: int) -> bool:
+    """Whether a batch that moved the optimizer step from ``before`` to ``step`` reached or passed a multiple of
+    ``every_n_steps``: a fixed cadence that still acts when a batch jumps over a multiple (manual optimization
+    stepping several optimizers moves ``global_step`` by more than one). ``before`` None, or not below ``step``
+    (unknown, or a micro-batch of an accumulated step): whether ``step`` itself is a multiple."""
+    start = before if before is not None and before < step else step - 1
+    return step // every_n_steps > start // every_n_steps
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ee_callbacks.cadence import AdaptiveCadence, CostMeter
+from ee_callbacks.cadence import AdaptiveCadence, CostMeter, reaches_multiple
 
 
 def test_gap_is_the_smallest_within_budget():
@@ -149,3 +149,14 @@ def test_max_every_n_steps_needs_max_overhead():
         EarlyExitProbe(every_n_steps=10, cadence={"overhead": 0.02})
     probe = EarlyExitProbe(every_n_steps=10, cadence=0.02)  # a number is the share of wall time
     assert probe.max_overhead == 0.02 and probe.cadence is not None
+
+
+@pytest.mark.parametrize("before, step, expected", [
+    (None, 6, True), (None, 7, False),  # unknown start: whether the step is a multiple
+    (5, 6, True), (6, 7, False),  # one step at a time
+    (5, 7, True), (7, 9, True), (1, 2, False),  # a batch stepping two optimizers jumps over 6 (or reaches 9)
+    (6, 6, True), (7, 7, False),  # a micro-batch of an accumulated step: the step itself decides
+    (2, 13, True), (13, 14, False),
+])
+def test_reaches_multiple_every_3(before, step, expected):
+    assert reaches_multiple(before, step, 3) is expected

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from ..cadence import CostMeter
+from ..cadence import CostMeter, reaches_multiple
 from ..capture import first_tensor
 from ..distributed import probe_forward_target, readout_context_factory
 from ..heads_optim import OptimSettings
@@ -407,9 +407,7 @@ class ExitHeads(Callback):
         micro-batch of an accumulated step gets the same answer."""
         if self._heads_choice is None or self._heads_choice[0] != step:
             before = self._heads_choice[0] if self._heads_choice is not None else self._start_before
-            n = self.every_n_steps
-            chosen = step % n == 0 or (before is not None and before < step and before // n < step // n)
-            self._heads_choice = (step, chosen)
+            self._heads_choice = (step, reaches_multiple(before, step, self.every_n_steps))
         return self._heads_choice[1]
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from ..cadence import AdaptiveCadence, CostMeter
+from ..cadence import AdaptiveCadence, CostMeter, reaches_multiple
 from ..distributed import param_count, probe_forward_target, probe_shard, readout_context_factory, wrapped_root
 from ..model_parts import find_language_model, find_model_parts, prove_on_probe_set
 from ..probe import ProbeConfig, prepare_batches, run_probe
@@ -334,9 +334,8 @@ class EarlyExitProbe(Callback):
             return  # under gradient accumulation global_step only moves on optimizer steps: probe once per step
         # a batch may move global_step by more than one (manual optimization stepping two optimizers): probe when it
         # passed a multiple of every_n_steps, not only when it landed on one
-        before = self._step_at_batch_start if self._step_at_batch_start is not None else step - 1
         due = self.cadence.due(step) if self.cadence is not None else \
-            step // self.every_n_steps > min(before, step - 1) // self.every_n_steps
+            reaches_multiple(self._step_at_batch_start, step, self.every_n_steps)
         if due:
             self._probe(trainer, pl_module)
 
