@@ -75,13 +75,10 @@ def run_probe(model: nn.Module, batches, *, config=None, parts: Optional[ModelPa
     unknown = sorted(set(record_fields) - set(RECORD_FIELDS))
     if unknown:
         raise TypeError(f"run_probe() got unexpected keyword arguments {unknown}; record fields: {list(RECORD_FIELDS)}")
-    config = ProbeConfig.from_any(config)
-    probe = _Probe(model, parts, config, readouts, forward_module, readout_context)
+    if parts is None:
+        parts, batches = _proven_parts(unwrap_model(model), batches, forward_module, readout_context)
+    probe = _Probe(model, parts, ProbeConfig.from_any(config), readouts, forward_module, readout_context)
     batches = cap_tokens(prepare_batches(batches, probe.input_vocab), probe.config.max_tokens)
-    if parts is None and probe.has_head:  # a structural guess is only a guess (DESIGN §2a): OPT's final norm is
-        # registered before its layers, so the guess reads out without it; the proof finds the model's real readout
-        parts = prove_on_probe_set(probe.model, batches, forward_module=forward_module, readout_context=readout_context)
-        probe = _Probe(model, parts, config, readouts, forward_module, readout_context)
     reference = previous.get("cka_grams", {}) if isinstance(previous, dict) else {}
     rank, world = int(shard[0]), int(shard[1])
     with _isolated(probe.model):
@@ -385,6 +382,20 @@ class _Probe:
         if previous is not None and previous.shape != ucentred.shape:
             drift.reference.pop(batch_index)  # another model or probe set: no partner
         drift.update(ucentred, batch_index)
+
+
+def _proven_parts(model: nn.Module, batches, forward_module, readout_context) -> tuple:
+    """(the parts found by structure and proven on the first probe sequences, the batches as a list): a structural
+    guess is only a guess (DESIGN §2a; OPT's final norm is registered before its layers, so the guess reads out
+    without it). The batches are checked against the input vocabulary first, so that bad ids get their own error,
+    not one from the forward; they come back prepared (an iterator is read once)."""
+    guess = find_model_parts(model)
+    if not guess.has_lm_head:
+        return guess, batches
+    with (readout_context or contextlib.nullcontext)():
+        input_vocab = _vocab_sizes(model, guess, "float32")[1]
+    batches = prepare_batches(batches, input_vocab)
+    return prove_on_probe_set(model, batches, forward_module=forward_module, readout_context=readout_context), batches
 
 
 def _vocab_sizes(model: nn.Module, parts: ModelParts, readout_dtype: str) -> tuple:

@@ -284,3 +284,14 @@ def test_drift_is_one_for_same_model_and_lower_after_change(setup):
     changed = tiny_llama(vocab=V, layers=LAYERS, hidden=32, seed=99).eval()
     other = run_probe(changed, [ids], previous=first.state)
     assert max(other.cka_drift[1:]) < 0.99
+
+
+def test_without_parts_the_batches_may_be_an_iterator_read_once():
+    """run_probe proves the parts it is not given on the first batch and then probes every batch: batches handed
+    over as a generator are read once, and give the record a list gives."""
+    model = tiny_llama(vocab=40, layers=3).eval()
+    ids = torch.randint(0, 40, (4, 10), generator=torch.Generator().manual_seed(0))
+    listed = run_probe(model, [ids[:2], ids[2:]]).to_dict()
+    streamed = run_probe(model, (rows for rows in (ids[:2], ids[2:]))).to_dict()
+    assert listed["probe"]["tokens"] == streamed["probe"]["tokens"] == 4 * 9
+    assert listed["layers"] == streamed["layers"] and listed["model"]["parts"]["proof"]["passed"] is True
