@@ -180,11 +180,10 @@ def _load_lightning_ckpt(path: Path, run_cfg: Optional[dict], options: LoadOptio
     model_cfg = hparams.get("model") or (run_cfg or {}).get("model")
     vocab = hparams.get("vocab_size")
     if options.model_config is None and isinstance(model_cfg, dict) and "arch" in model_cfg and vocab is not None:
-        model, tok, prefix = build_model(model_cfg, vocab), _run_tokenizer(path), "model."
+        model, tok = build_model(model_cfg, vocab), _run_tokenizer(path)
+        _load_weights(model, state, "model.", str(path))
     else:
-        model, tok = _foreign_model(path, hparams, options)
-        prefix = _weights_prefix(model, state, path, options.model_attr)
-    _load_weights(model, state, prefix, str(path))
+        model, tok = _load_foreign(path, state, hparams, options)
     model.to(dtype=options.dtype).eval()
     return model, tok, int(ckpt.get("global_step", _step_from_name(path.name)))
 
@@ -200,6 +199,14 @@ def _load_weights(model: torch.nn.Module, state: dict, prefix: str, source: str)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # a tied unembedding is stored once; it must really be tied to count as loaded
     check_all_weights_loaded(model, list(missing), list(unexpected), source)
+
+
+def _load_foreign(path: Path, state: dict, hparams: dict, options: LoadOptions):
+    """(model, tokenizer or None) of a checkpoint train.py did not write: the architecture from
+    :func:`_foreign_model`, every weight of it from ``state`` under the prefix :func:`_weights_prefix` finds."""
+    model, tok = _foreign_model(path, hparams, options)
+    _load_weights(model, state, _weights_prefix(model, state, path, options.model_attr), str(path))
+    return model, tok
 
 
 _NEEDS_CONFIG = ("pass --model-config DIR: a Hugging Face config.json of the model, or the directory holding one "
@@ -307,8 +314,7 @@ def _load_state_dict_file(path: Path, options: LoadOptions):
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
     state = _flatten_tensors(state) if isinstance(state, dict) else {}
-    model, tok = _foreign_model(path, {}, options)
-    _load_weights(model, state, _weights_prefix(model, state, path, options.model_attr), str(path))
+    model, tok = _load_foreign(path, state, {}, options)
     return model.to(dtype=options.dtype).eval(), tok
 
 
